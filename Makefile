@@ -1,0 +1,33 @@
+# The two entry points: `make test` and `make demo`. Both create .venv when missing and
+# are idempotent: the install step re-runs only when packaging inputs change.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.vidsearch-installed
+INSTALL_INPUTS := pyproject.toml setup.py $(wildcard protos/vidsearch/v1/*.proto)
+
+.PHONY: install test demo bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip "setuptools>=69" wheel
+
+$(STAMP): $(PY) $(INSTALL_INPUTS)
+	$(PY) -m pip install -q "grpcio-tools==1.85.1"
+	$(PY) -m pip install -q --no-build-isolation -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(PY) -m pytest
+
+demo: install
+	$(VENV)/bin/vidsearch demo $(DEMO_ARGS)
+
+bench: install
+	$(PY) benchmarks/ingest.py
+	$(PY) benchmarks/serve.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

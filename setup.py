@@ -1,0 +1,53 @@
+"""Build hooks: map the fixed repository layout onto the `vidsearch` import namespace
+and generate the gRPC Python code from protos/ at build time (never committed)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+ROOT = Path(__file__).resolve().parent
+PROTO_ROOT = ROOT / "protos"
+
+
+def generate_protos() -> None:
+    from grpc_tools import protoc  # build requirement
+    import grpc_tools
+
+    include = str(Path(grpc_tools.__file__).parent / "_proto")
+    protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in PROTO_ROOT.rglob("*.proto"))
+    if not protos:
+        return
+    args = ["protoc", f"-I{PROTO_ROOT}", f"-I{include}",
+            f"--python_out={PROTO_ROOT}", f"--pyi_out={PROTO_ROOT}",
+            f"--grpc_python_out={PROTO_ROOT}", *protos]
+    if protoc.main(args) != 0:
+        raise RuntimeError(f"protoc failed for {protos}")
+
+
+def find_packages_under(prefix: str, directory: str) -> list[str]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(ROOT / directory):
+        dirnames[:] = [d for d in dirnames if not d.startswith((".", "__"))]
+        if "__init__.py" in filenames:
+            rel = Path(dirpath).relative_to(ROOT / directory)
+            found.append(".".join([prefix, *rel.parts]) if rel.parts else prefix)
+    return found
+
+
+class BuildPyWithProtos(build_py):
+    def run(self) -> None:
+        generate_protos()
+        super().run()
+
+
+generate_protos()  # also for editable installs, whose finder reads the source tree
+
+setup(
+    packages=find_packages_under("vidsearch", "shared")
+    + find_packages_under("vidsearch.services", "services")
+    + ["vidsearch.v1"],
+    cmdclass={"build_py": BuildPyWithProtos},
+)

@@ -1,0 +1,200 @@
+"""One typed settings tree for every endpoint, limit and model choice.
+
+Sources, lowest precedence first: defaults, a YAML file (``--config`` or
+``VIDSEARCH_CONFIG``), then environment variables. Nested fields are set with
+``VIDSEARCH_<SECTION>__<FIELD>`` (e.g. ``VIDSEARCH_INGEST__ENCODER_ACTORS=2``);
+the well-known endpoints also read their conventional names (``QDRANT_URL``,
+``KAFKA_BOOTSTRAP``, ``RAY_ADDRESS`` ...). Settings are validated once, at the
+edge, and a bad one raises :class:`ConfigError` whose message names it.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+ENV_PREFIX = "VIDSEARCH_"
+CONFIG_FILE_ENV = "VIDSEARCH_CONFIG"
+
+# Conventional variable names that map onto a nested setting.
+WELL_KNOWN_ENV: dict[str, tuple[str, str]] = {
+    "KAFKA_BOOTSTRAP": ("broker", "bootstrap"),
+    "QDRANT_URL": ("store", "url"),
+    "QDRANT_API_KEY": ("store", "api_key"),
+    "RAY_ADDRESS": ("ray", "address"),
+    "VIDSEARCH_API_KEY": ("serve", "api_key"),
+}
+
+
+class ConfigError(ValueError):
+    """A setting is missing or invalid; the message is one line naming it."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class BrokerSettings(_Section):
+    bootstrap: str | None = Field(None, description="Kafka bootstrap servers; unset = embedded Tansu broker")
+    ingest_topic: str = "videos.ingest"
+    dlq_topic: str = "videos.ingest.dlq"
+    partitions: int = Field(4, ge=1, le=1024)
+    consumer_group: str = "vidsearch-ingest"
+    session_timeout_ms: int = Field(6000, ge=1000)
+    heartbeat_interval_ms: int = Field(1000, ge=100)
+    max_poll_interval_ms: int = Field(300_000, ge=1000)
+    max_poll_records: int = Field(32, ge=1)
+
+
+class StoreSettings(_Section):
+    url: str | None = Field(None, description="Qdrant server URL; unset = embedded local mode")
+    api_key: SecretStr | None = None
+    path: str = Field("./data/qdrant", description="embedded-mode storage directory")
+    alias: str = "videos"
+    upsert_batch: int = Field(64, ge=1)
+    timeout_s: float = Field(30.0, gt=0)
+
+
+class DecodeSettings(_Section):
+    allowed_schemes: list[Literal["file", "http", "https", "s3"]] = ["file"]
+    allowed_prefixes: list[str] = Field(
+        default_factory=lambda: ["./data"],
+        description="roots a file uri must resolve inside (after symlinks), or url prefixes",
+    )
+    max_bytes: int = Field(512 * 1024 * 1024, ge=1)
+    max_duration_s: float = Field(600.0, gt=0)
+    max_pixels: int = Field(3840 * 2160, ge=1, description="width x height limit")
+    max_frames: int = Field(64, ge=1)
+    num_frames: int = Field(12, ge=1)
+    sampling: Literal["uniform", "fps"] = "uniform"
+    fps: float = Field(1.0, gt=0, description="frames per second when sampling=fps")
+    threads: int = Field(0, ge=0, description="PyAV decode threads; 0 = let FFmpeg choose")
+
+
+class ModelSettings(_Section):
+    preset: str = Field("vit-b-32", description="model config preset name or path to a JSON config")
+    pretrained: str | None = Field(None, description="open_clip pretrained tag or local checkpoint path")
+    registry_root: str = "./data/registry"
+    model_name: str = "vidsearch"
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+
+
+class IngestSettings(_Section):
+    encoder_actors: int = Field(1, ge=1)
+    encoder_num_gpus: float = Field(0.25, ge=0, le=1)
+    encoder_batch_frames: int = Field(256, ge=1)
+    decode_parallelism: int = Field(2, ge=1)
+    max_inflight_batches: int = Field(2, ge=1)
+    retry_initial_s: float = Field(0.5, gt=0)
+    retry_max_s: float = Field(30.0, gt=0)
+    metrics_port: int = Field(9108, ge=0, le=65535, description="Prometheus port; 0 = off")
+    log_summary_interval_s: float = Field(30.0, gt=0)
+
+
+class ServeSettings(_Section):
+    grpc_port: int = Field(50051, ge=1, le=65535)
+    app_name: str = "vidsearch"
+    api_key: SecretStr | None = None
+    default_top_k: int = Field(10, ge=1, le=100)
+    default_recall_k: int = Field(50, ge=1, le=1000)
+    beta: float = Field(0.5, ge=0, le=1)
+    max_query_chars: int = Field(512, ge=1)
+    rerank_deadline_fraction: float = Field(0.5, gt=0, le=1)
+    default_deadline_s: float = Field(10.0, gt=0)
+
+
+class RaySettings(_Section):
+    address: str | None = Field(None, description="Ray cluster address; unset = local Ray")
+    num_cpus: int | None = Field(None, ge=1)
+
+
+class Settings(_Section):
+    broker: BrokerSettings = BrokerSettings()
+    store: StoreSettings = StoreSettings()
+    decode: DecodeSettings = DecodeSettings()
+    model: ModelSettings = ModelSettings()
+    ingest: IngestSettings = IngestSettings()
+    serve: ServeSettings = ServeSettings()
+    ray: RaySettings = RaySettings()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Settings":
+        if self.serve.default_recall_k < self.serve.default_top_k:
+            raise ValueError("serve.default_recall_k must be >= serve.default_top_k")
+        return self
+
+    def dump(self) -> dict[str, Any]:
+        """Plain dict with secrets masked, for logs."""
+        return json.loads(self.model_dump_json())
+
+
+def _set_nested(tree: dict, section: str, key: str, value: Any) -> None:
+    tree.setdefault(section, {})[key] = value
+
+
+def _parse_env_value(raw: str) -> Any:
+    # JSON lets lists and numbers through (VIDSEARCH_DECODE__ALLOWED_PREFIXES='["/data"]');
+    # anything that isn't JSON is taken as a plain string.
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict:
+    tree: dict = {}
+    for name, (section, key) in WELL_KNOWN_ENV.items():
+        if env.get(name):
+            _set_nested(tree, section, key, env[name])
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name or name == CONFIG_FILE_ENV:
+            continue
+        section, _, key = name[len(ENV_PREFIX):].lower().partition("__")
+        if section not in Settings.model_fields:
+            raise ConfigError(f"{name}: unknown settings section '{section}'")
+        value = raw if key in ("bootstrap", "url", "address", "api_key", "path") else _parse_env_value(raw)
+        _set_nested(tree, section, key, value)
+    return tree
+
+
+def _merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "settings"
+    return f"invalid setting {where}: {first['msg']} (got {first.get('input')!r})"
+
+
+def load_settings(config_file: str | os.PathLike | None = None,
+                  env: Mapping[str, str] | None = None) -> Settings:
+    """Build and validate the settings once; raise ConfigError naming the bad setting."""
+    env = os.environ if env is None else env
+    tree: dict = {}
+    path = config_file or env.get(CONFIG_FILE_ENV)
+    if path:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(f"config file {path}: {exc.strerror or exc}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: top level must be a mapping of sections")
+        tree = loaded
+    tree = _merge(tree, _env_overrides(env))
+    try:
+        return Settings.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc)) from None

@@ -1,0 +1,25 @@
+"""Shared fixtures. Heavy pieces (Ray, the broker, the store) are started once per
+session and shared, because each takes seconds to start on a 2-core machine."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Keep every test off any cluster or server the developer happens to have configured.
+for _var in ("RAY_ADDRESS", "KAFKA_BOOTSTRAP", "QDRANT_URL", "QDRANT_API_KEY", "VIDSEARCH_CONFIG", "VIDSEARCH_API_KEY"):
+    os.environ.pop(_var, None)
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for the whole test session."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False, object_store_memory=256 * 1024 * 1024)
+    yield ray
+    ray.shutdown()
