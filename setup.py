@@ -2,6 +2,7 @@
 and generate the gRPC Python code from protos/ at build time (never committed)."""
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -9,22 +10,13 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
-PROTO_ROOT = ROOT / "protos"
 
 
 def generate_protos() -> None:
-    from grpc_tools import protoc  # build requirement
-    import grpc_tools
-
-    include = str(Path(grpc_tools.__file__).parent / "_proto")
-    protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in PROTO_ROOT.rglob("*.proto"))
-    if not protos:
-        return
-    args = ["protoc", f"-I{PROTO_ROOT}", f"-I{include}",
-            f"--python_out={PROTO_ROOT}", f"--pyi_out={PROTO_ROOT}",
-            f"--grpc_python_out={PROTO_ROOT}", *protos]
-    if protoc.main(args) != 0:
-        raise RuntimeError(f"protoc failed for {protos}")
+    spec = importlib.util.spec_from_file_location("vidsearch_codegen", ROOT / "protos" / "codegen.py")
+    codegen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(codegen)
+    codegen.generate()
 
 
 def find_packages_under(prefix: str, directory: str) -> list[str]:
