@@ -18,6 +18,8 @@ from vidsearch.config import ConfigError, load_settings
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("vidsearch.synth_cli", "write a synthetic video dataset (mp4 + JSONL manifest)"),
     "config": ("vidsearch.config_cli", "print the effective settings (secrets masked)"),
+    "ingest": ("vidsearch.services.ingest.producer_cli", "queue video files, a manifest or deletes for ingestion"),
+    "ingest-worker": ("vidsearch.services.ingest.worker_cli", "consume the ingest topic: decode, encode, store"),
 }
 
 EXIT_USAGE = 2
@@ -37,7 +39,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
-        sub.add_parser(name, help=help_text)
+        # -h is added after configure(): otherwise the first, partial parse in main()
+        # prints the command's help before its arguments exist.
+        sub.add_parser(name, help=help_text, add_help=False)
     return parser, sub
 
 
@@ -50,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     module = importlib.import_module(COMMANDS[head.command][0])
     module.configure(sub.choices[head.command])
+    sub.choices[head.command].add_argument("-h", "--help", action="help", help="show this help message and exit")
     args = parser.parse_args(argv)
     from vidsearch.telemetry import configure_logging
 

@@ -44,7 +44,8 @@ def write_video(
                 stream.time_base = time_base
                 stream.codec_context.time_base = time_base
                 if codec == "libx264":
-                    stream.options = {"crf": str(crf), "preset": "veryfast"}
+                    # mbtree makes x264 output vary run to run; without it a seed gives byte-identical files.
+                    stream.options = {"crf": str(crf), "preset": "veryfast", "x264-params": "mbtree=0"}
                 elif codec == "libvpx-vp9":
                     stream.options = {"crf": str(crf + 8), "b:v": "0", "deadline": "realtime", "cpu-used": "8"}
             video_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
