@@ -1,0 +1,89 @@
+"""Token-level text features from an open_clip text tower, for the slow scorers.
+
+open_clip's ``encode_text`` returns only the pooled (EOT) feature. The scorers also
+need one feature per token, projected into the joint space like the pooled one. This
+module replays the text tower's forward (embeddings, transformer, final norm,
+projection) and keeps every position up to the pooled token.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .masking import zero_padding
+
+
+@dataclass
+class TextFeatures:
+    """tokens[B,L,D] and sentence[B,D] are L2-normalised; mask[B,L] marks real tokens (SOT..EOT)."""
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    sentence: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.sentence.shape[0]
+
+    def select(self, index: torch.Tensor) -> "TextFeatures":
+        return TextFeatures(self.tokens[index], self.mask[index], self.sentence[index])
+
+
+def _tower(clip: nn.Module) -> nn.Module:
+    # open_clip's CLIP keeps the text modules on the model itself; CustomTextCLIP has `.text`.
+    return clip.text if hasattr(clip, "text") else clip
+
+
+def check_text_tower(clip: nn.Module) -> None:
+    """Raise ValueError at build time if token features cannot be taken from this tower."""
+    tower = _tower(clip)
+    needed = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
+    missing = [n for n in needed if not hasattr(tower, n)]
+    if missing:
+        raise ValueError(f"clip.model_cfg: text tower {type(tower).__name__} is not supported "
+                         f"(token features need {', '.join(missing)})")
+    if getattr(tower, "cls_emb", None) is not None or getattr(tower, "use_pad_mask", False):
+        raise ValueError("clip.model_cfg: text towers with a class token or a padding mask are not supported")
+    if _pool_type(clip) not in ("argmax", "eos"):
+        raise ValueError(f"clip.model_cfg: text pool_type {_pool_type(clip)!r} is not supported (argmax or eos)")
+
+
+def _pool_type(clip: nn.Module) -> str:
+    return getattr(clip, "text_pool_type", None) or getattr(_tower(clip), "pool_type", "argmax")
+
+
+def _pool_index(clip: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    if _pool_type(clip) == "argmax":
+        return ids.argmax(dim=-1)  # the EOT token has the largest id in CLIP's vocabulary
+    eos = getattr(clip, "text_eos_id", None)
+    eos = getattr(_tower(clip), "eos_id", None) if eos is None else eos
+    return (ids == eos).int().argmax(dim=-1)
+
+
+def _project(tower: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    proj = tower.text_projection
+    if proj is None:
+        return x
+    return proj(x) if isinstance(proj, nn.Linear) else x @ proj
+
+
+def text_token_features(clip: nn.Module, ids: torch.Tensor) -> TextFeatures:
+    """ids[B, context_length] -> TextFeatures with L = longest sequence in the batch."""
+    tower = _tower(clip)
+    pool = _pool_index(clip, ids)
+    attn_mask = getattr(tower, "attn_mask", None)
+    # With a causal mask, positions up to EOT never see what follows, so the batch can
+    # be cut after its longest sentence: cheaper for the scorers, and exact.
+    length = int(pool.max()) + 1 if attn_mask is not None else ids.shape[1]
+    ids = ids[:, :length]
+    cast_dtype = tower.transformer.get_cast_dtype()
+    x = tower.token_embedding(ids).to(cast_dtype) + tower.positional_embedding[:length].to(cast_dtype)
+    if attn_mask is not None:
+        attn_mask = attn_mask[:length, :length]
+    x = tower.ln_final(tower.transformer(x, attn_mask=attn_mask))
+    tokens = F.normalize(_project(tower, x), dim=-1)
+    mask = torch.arange(length, device=ids.device)[None, :] <= pool[:, None]
+    sentence = tokens[torch.arange(ids.shape[0], device=ids.device), pool]
+    return TextFeatures(tokens=zero_padding(tokens, mask), mask=mask, sentence=sentence)

@@ -1,0 +1,147 @@
+"""VideoTextModel: the open_clip backbone + a fast video head + a slow scorer.
+
+Every entry point moves its inputs to the model's device and runs under
+``runtime.autocast`` (bf16 on CUDA, fp32 on the CPU); outputs are fp32 and, where
+they are embeddings, L2-normalised after the cast so their norm is 1 to fp32
+precision. Gradient mode is the caller's: wrap serving calls in
+``torch.inference_mode()``, leave it off for training.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .masking import check_mask
+from .preprocess import preprocess_frames
+from .runtime import autocast
+from .text import TextFeatures, text_token_features
+
+TextInput = Sequence[str] | TextFeatures
+
+
+class VideoTextModel(nn.Module):
+    def __init__(self, config: ModelConfig, clip: nn.Module, tokenizer: object, head: nn.Module,
+                 scorer: nn.Module, embed_dim: int, frame_encoder_id: str) -> None:
+        super().__init__()
+        self.config = config
+        self.clip = clip
+        self.head = head
+        self.scorer = scorer
+        self.tokenizer = tokenizer
+        self.embed_dim = embed_dim
+        self.frame_encoder_id = frame_encoder_id
+        pp = getattr(clip.visual, "preprocess_cfg", {}) or {}
+        size = getattr(clip.visual, "image_size", pp.get("size", 224))
+        size = (size, size) if isinstance(size, int) else tuple(int(s) for s in size)
+        # A square input (every CLIP ViT) is reported as one int, the common convention.
+        self.image_size: int | tuple[int, int] = size[0] if size[0] == size[1] else size
+        self._mean = tuple(pp.get("mean", (0.48145466, 0.4578275, 0.40821073)))
+        self._std = tuple(pp.get("std", (0.26862954, 0.26130258, 0.27577711)))
+        self._interpolation = pp.get("interpolation", "bicubic")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # ---- frames -------------------------------------------------------------------
+    def preprocess(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8[T,H,W,3] RGB frames -> float32[T,3,S,S] CLIP input on the model's device."""
+        return preprocess_frames(frames, self.image_size, self._mean, self._std,
+                                 device=self.device, interpolation=self._interpolation)
+
+    def encode_frames(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels[N,3,S,S] (from ``preprocess``) -> L2-normalised frame embeddings [N,D]."""
+        if pixels.dim() != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"pixels: expected [N,3,S,S], got shape {tuple(pixels.shape)}")
+        with autocast(self.device):
+            features = self.clip.encode_image(pixels.to(self.device, torch.float32))
+        return F.normalize(features.float(), dim=-1)
+
+    def _frames(self, frames: torch.Tensor | np.ndarray, mask: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        frames = torch.as_tensor(frames, device=self.device).float()
+        mask = torch.as_tensor(mask, device=self.device)
+        if frames.dim() == 3 and frames.shape[-1] != self.embed_dim:
+            raise ValueError(f"frames: embedding width {frames.shape[-1]} != model embed_dim {self.embed_dim}")
+        return frames, check_mask(frames, mask)
+
+    def aggregate_with_weights(self, frames: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """frames[B,T,D], mask[B,T] bool -> (video[B,D] L2-normalised, weights[B,T]).
+
+        weights are AFA's learned per-frame attention, or uniform over valid frames for
+        the pooling heads; they are 0 on padding and sum to 1 per row.
+        """
+        frames, mask = self._frames(frames, mask)
+        with autocast(self.device):
+            video, weights = self.head(frames, mask)
+        return F.normalize(video.float(), dim=-1), weights.float()
+
+    def aggregate(self, frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.aggregate_with_weights(frames, mask)[0]
+
+    # ---- text ---------------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        if isinstance(texts, str) or not texts or not all(isinstance(t, str) for t in texts):
+            raise ValueError("texts: expected a non-empty list of strings")
+        return self.tokenizer(list(texts)).to(self.device)
+
+    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+        """list of B strings -> L2-normalised sentence embeddings [B,D]."""
+        ids = self.tokenize(texts)
+        with autocast(self.device):
+            features = self.clip.encode_text(ids)
+        return F.normalize(features.float(), dim=-1)
+
+    def encode_text_features(self, texts: Sequence[str]) -> TextFeatures:
+        """Token-level features for the scorers: tokens[B,L,D], mask[B,L], sentence[B,D]."""
+        ids = self.tokenize(texts)
+        with autocast(self.device):
+            feats = text_token_features(self.clip, ids)
+        return TextFeatures(tokens=F.normalize(feats.tokens.float(), dim=-1) * feats.mask[..., None],
+                            mask=feats.mask, sentence=F.normalize(feats.sentence.float(), dim=-1))
+
+    def _text(self, texts: TextInput) -> TextFeatures:
+        return texts if isinstance(texts, TextFeatures) else self.encode_text_features(texts)
+
+    # ---- slow scoring -------------------------------------------------------------
+    def score_pairs(self, texts: TextInput, frames: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Aligned pairs: text b with video b -> (scores[B], frame_relevance[B,T])."""
+        text = self._text(texts)
+        frames, mask = self._frames(frames, mask)
+        if len(text) != frames.shape[0]:
+            raise ValueError(f"score_pairs: {len(text)} texts for {frames.shape[0]} videos")
+        with autocast(self.device):
+            scores, relevance = self.scorer(text, frames, mask)
+        return scores.float(), relevance.float()
+
+    def score_query(self, text: str, frames: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One query against K candidate videos -> (scores[K], frame_relevance[K,T])."""
+        if not isinstance(text, str):
+            raise ValueError("text: expected a string")
+        features = self.encode_text_features([text])
+        count = int(torch.as_tensor(frames).shape[0])
+        index = torch.zeros(count, dtype=torch.long, device=self.device)
+        return self.score_pairs(features.select(index), frames, mask)
+
+    def score_matrix(self, texts: TextInput, frames: torch.Tensor, mask: torch.Tensor,
+                     pair_chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+        """All text x video pairs (the distillation teacher) ->
+        (scores[Nt,Nv], frame_relevance[Nt,Nv,T]); pairs are scored ``pair_chunk`` at a time."""
+        text = self._text(texts)
+        frames, mask = self._frames(frames, mask)
+        n_text, n_video, n_frames = len(text), frames.shape[0], frames.shape[1]
+        text_index = torch.arange(n_text, device=self.device).repeat_interleave(n_video)
+        video_index = torch.arange(n_video, device=self.device).repeat(n_text)
+        scores, relevance = [], []
+        with autocast(self.device):
+            for start in range(0, n_text * n_video, pair_chunk):
+                ti, vi = text_index[start:start + pair_chunk], video_index[start:start + pair_chunk]
+                s, r = self.scorer(text.select(ti), frames[vi], mask[vi])
+                scores.append(s.float())
+                relevance.append(r.float())
+        return (torch.cat(scores).view(n_text, n_video),
+                torch.cat(relevance).view(n_text, n_video, n_frames))
