@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 ENV_PREFIX = "VIDSEARCH_"
 CONFIG_FILE_ENV = "VIDSEARCH_CONFIG"
@@ -57,6 +58,26 @@ class StoreSettings(_Section):
     alias: str = "videos"
     upsert_batch: int = Field(64, ge=1)
     timeout_s: float = Field(30.0, gt=0)
+    # Filterable fields and their types. System payload fields (video_id, duration_s,
+    # ingested_at ...) keep their name; any other name is a metadata field, stored at
+    # payload path metadata.<name>. A payload index is created on each.
+    filter_fields: dict[str, Literal["keyword", "integer", "float", "datetime", "bool"]] = Field(
+        default_factory=lambda: {
+            "video_id": "keyword", "duration_s": "float", "ingested_at": "datetime",
+            "tags": "keyword", "category": "keyword",
+        },
+        description="filterable field name -> keyword | integer | float | datetime | bool",
+    )
+
+    @field_validator("filter_fields")
+    @classmethod
+    def _filter_field_names(cls, value: dict[str, str]) -> dict[str, str]:
+        # Names become payload paths (metadata.<name>), so dots or brackets would address
+        # something else than the user meant.
+        bad = [name for name in value if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", name)]
+        if bad:
+            raise ValueError(f"filter field names must be identifiers, got {bad[0]!r}")
+        return value
 
 
 class DecodeSettings(_Section):
@@ -93,6 +114,7 @@ class IngestSettings(_Section):
     retry_max_s: float = Field(30.0, gt=0)
     metrics_port: int = Field(9108, ge=0, le=65535, description="Prometheus port; 0 = off")
     log_summary_interval_s: float = Field(30.0, gt=0)
+    shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, time to finish in-flight batches")
 
 
 class ServeSettings(_Section):
@@ -105,6 +127,12 @@ class ServeSettings(_Section):
     max_query_chars: int = Field(512, ge=1)
     rerank_deadline_fraction: float = Field(0.5, gt=0, le=1)
     default_deadline_s: float = Field(10.0, gt=0)
+    reranker_app_name: str = Field("vidsearch-reranker", description="Serve application of the reranker")
+    reranker_num_gpus: float = Field(0.5, ge=0, le=8, description="GPU share per reranker replica when the cluster has GPUs")
+    alias_poll_s: float = Field(2.0, gt=0, description="how often the query service checks the live alias")
+    text_batch_size: int = Field(32, ge=1, description="max queries per text-encoding batch")
+    rerank_batch_size: int = Field(16, ge=1, description="max requests per reranker batch")
+    batch_wait_s: float = Field(0.005, ge=0, description="how long a batch waits to fill")
 
 
 class RaySettings(_Section):

@@ -11,6 +11,8 @@ for _var in ("RAY_ADDRESS", "KAFKA_BOOTSTRAP", "QDRANT_URL", "QDRANT_API_KEY", "
     os.environ.pop(_var, None)
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# No hub is reachable here: fail a pretrained-tag download at once instead of retrying.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session")
@@ -23,3 +25,14 @@ def ray_local():
                  configure_logging=False, object_store_memory=256 * 1024 * 1024)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def broker():
+    """One embedded Tansu broker (ingest + DLQ topics, 4 partitions) for the session.
+    Tests that consume use their own topic or consumer group, so they don't see each
+    other's messages."""
+    from vidsearch.broker import EmbeddedBroker
+
+    with EmbeddedBroker(partitions=4) as started:
+        yield started

