@@ -1,0 +1,146 @@
+"""One poll batch: its records, what happened to each, and what to write and commit.
+
+Every record of a batch ends in exactly one of three states before the batch is
+finalised: a parsed op whose work is done (an encoded video, or a delete), or a
+permanent failure (DLQ). The batch then yields the store writes, the DLQ records
+and the offsets to commit.
+
+Ordering. Messages are keyed by video_id, so all updates of one video sit on one
+partition, in offset order, and arrive in one batch in that order (or in later
+batches, which are finalised after this one). Every op is a full replacement of
+the video's point (an upsert writes the whole point; a delete removes it), so
+applying a sequence of ops leaves the same state as applying only the last one.
+A permanent failure, though, is a no-op in that sequence: "upsert A (ok), upsert
+B (file missing)" leaves A. So the batch does not collapse to the last *message*
+per video_id; it collapses to the last op that did not fail permanently, which is
+exactly what applying every message in order would leave (each failing one also
+goes to the DLQ, as in sequential processing).
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+
+from vidsearch.messages import DeleteOp, IngestOp, MessageError, UpsertOp, parse_ingest_message
+
+_batch_ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """What the pipeline produced for one upsert."""
+
+    video_vector: np.ndarray  # float32 [D], L2-normalised
+    frames: np.ndarray  # float32 [T, D], L2-normalised
+    timestamps: list[float]
+    duration_s: float
+    width: int
+    height: int
+    fps: float | None
+    codec: str
+
+
+@dataclass(eq=False)
+class Item:
+    """One Kafka record of a batch."""
+
+    batch: "Batch"
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    op: IngestOp | None = None
+    error_class: str | None = None
+    reason: str | None = None
+    encoded: Encoded | None = None
+    point: Any = None  # the VideoPoint, built when the batch is finalised
+
+    @property
+    def tp(self) -> tuple[str, int]:
+        return (self.topic, self.partition)
+
+    @property
+    def failed(self) -> bool:
+        return self.error_class is not None
+
+    @property
+    def needs_work(self) -> bool:
+        """An upsert that has neither a result nor a permanent failure yet."""
+        return isinstance(self.op, UpsertOp) and not self.failed and self.encoded is None
+
+    def fail(self, error_class: str, reason: str) -> None:
+        self.error_class, self.reason = error_class, reason
+
+    def describe(self) -> dict[str, Any]:
+        return {"topic": self.topic, "partition": self.partition, "offset": self.offset,
+                "video_id": getattr(self.op, "video_id", None)}
+
+
+@dataclass(eq=False)
+class Batch:
+    """The records of one ``poll()``, finalised (written, then committed) as a unit."""
+
+    items: list[Item] = field(default_factory=list)
+    id: int = field(default_factory=lambda: next(_batch_ids))
+    polled_at: float = field(default_factory=time.monotonic)
+    # Partitions taken away by a rebalance: their records are neither written nor committed.
+    revoked: set[tuple[str, int]] = field(default_factory=set)
+    # Finalisation progress, so a retry resumes at the step that failed.
+    dlq_sent: bool = False
+    store_written: bool = False
+
+    @classmethod
+    def from_records(cls, records: Iterable[Any]) -> "Batch":
+        """Build from kafka-python ConsumerRecords, parsing each; a parse failure is a DLQ item."""
+        batch = cls()
+        for record in records:
+            item = Item(batch, record.topic, record.partition, record.offset, record.key, record.value)
+            try:
+                item.op = parse_ingest_message(record.value, record.key)
+            except MessageError as exc:
+                item.fail(exc.error_class, exc.reason)
+            batch.items.append(item)
+        return batch
+
+    def live_items(self) -> list[Item]:
+        return [item for item in self.items if item.tp not in self.revoked]
+
+    @property
+    def abandoned(self) -> bool:
+        """Every partition of the batch was revoked: nothing of it may be written or committed."""
+        return all(item.tp in self.revoked for item in self.items)
+
+    @property
+    def ready(self) -> bool:
+        return all(not item.needs_work for item in self.live_items())
+
+    def partitions(self) -> set[tuple[str, int]]:
+        return {item.tp for item in self.items}
+
+    def dlq_items(self) -> list[Item]:
+        return [item for item in self.live_items() if item.failed]
+
+    def final_ops(self) -> tuple[list[Item], list[Item]]:
+        """(upserts, deletes): per video_id the last op that did not fail permanently.
+
+        See the module docstring for why this equals applying every op in order.
+        """
+        last: dict[str, Item] = {}
+        for item in sorted(self.live_items(), key=lambda i: (i.partition, i.offset)):
+            if item.op is not None and not item.failed:
+                last[item.op.video_id] = item
+        upserts = [item for item in last.values() if isinstance(item.op, UpsertOp)]
+        deletes = [item for item in last.values() if isinstance(item.op, DeleteOp)]
+        return upserts, deletes
+
+    def commit_offsets(self) -> dict[tuple[str, int], int]:
+        """Per live partition: the highest offset in this batch + 1 (the next one to read)."""
+        offsets: dict[tuple[str, int], int] = {}
+        for item in self.live_items():
+            offsets[item.tp] = max(offsets.get(item.tp, 0), item.offset + 1)
+        return offsets

@@ -1,0 +1,180 @@
+"""The Ray side of ingestion: the decode task and the frame-encoder actor pool.
+
+Decoding runs as plain CPU tasks, so any number of them can spread over a
+cluster; the frames they return stay in the object store and go straight to an
+encoder actor (the driver never holds the pixels). Decode tasks already shrink
+frames to the model's input size, so what travels is ~T x 224 x 224 x 3 bytes,
+not full-resolution video.
+
+Each encoder actor owns one copy of the serving model (GPU with bf16 autocast
+when the cluster has one, CPU otherwise). One call encodes the frames of several
+videos in one forward pass (the driver packs them), then aggregates each video
+with the serving head.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray
+
+from vidsearch.config import DecodeSettings, Settings
+
+log = logging.getLogger(__name__)
+
+# Tasks are retried by Ray when their worker process dies (system failures only);
+# exceptions raised by our own code are data, see decode_frames.
+DECODE_SYSTEM_RETRIES = 2
+
+
+@dataclass(frozen=True)
+class DecodeMeta:
+    """The small half of a decode result: the driver fetches this, never the frames."""
+
+    ok: bool
+    num_frames: int = 0
+    timestamps: tuple[float, ...] = ()
+    duration_s: float = 0.0
+    width: int = 0
+    height: int = 0
+    fps: float | None = None
+    codec: str = ""
+    error_class: str = ""
+    reason: str = ""
+    transient: bool = False
+
+
+@ray.remote(num_returns=2, max_retries=DECODE_SYSTEM_RETRIES)
+def decode_frames(uri: str, settings: DecodeSettings, num_frames: int, resize_to: int) -> tuple[DecodeMeta, Any]:
+    """Decode ``uri`` -> (meta, frames uint8[T,H,W,3] or None).
+
+    Failures come back as values, not exceptions: a VideoError is permanent (DLQ),
+    an OSError is transient (the file system or network hiccuped; retry). Anything
+    else is a decoder bug for this input; it is reported as permanent so that one
+    odd file cannot stall its partition, and the DLQ keeps it for replay.
+    """
+    from vidsearch.video import VideoError, decode_video
+
+    try:
+        video = decode_video(uri, settings, num_frames=num_frames, resize_to=resize_to)
+    except VideoError as exc:
+        return DecodeMeta(ok=False, error_class=exc.error_class, reason=exc.reason), None
+    except OSError as exc:
+        return DecodeMeta(ok=False, error_class="io_error", reason=f"{uri}: {exc}", transient=True), None
+    except Exception as exc:  # noqa: BLE001 - see docstring
+        return DecodeMeta(ok=False, error_class="decode_failed",
+                          reason=f"{uri}: {type(exc).__name__}: {exc}"), None
+    meta = DecodeMeta(ok=True, num_frames=video.num_frames,
+                      timestamps=tuple(float(t) for t in video.timestamps), duration_s=video.duration_s,
+                      width=video.width, height=video.height, fps=video.fps, codec=video.codec)
+    return meta, video.frames
+
+
+@dataclass(frozen=True)
+class EncoderInfo:
+    """What the driver needs to know about the serving model, without loading it."""
+
+    model_version: str
+    frame_encoder_id: str
+    embed_dim: int
+    image_size: int  # shorter side decode tasks resize to
+    num_frames: int  # frames per video the model was configured with
+    max_frames: int  # most frames the head and scorer can take
+    device: str
+
+
+class FrameEncoder:
+    """Ray actor: the serving model's frame tower + head on one device."""
+
+    def __init__(self, settings: Settings) -> None:
+        import torch
+
+        from vidsearch.models.persist import load_serving_model
+
+        self._torch = torch
+        self.model, self.version = load_serving_model(settings)
+        self.model.eval()
+        self.batch_frames = settings.ingest.encoder_batch_frames
+
+    def info(self) -> EncoderInfo:
+        config = self.model.config
+        size = self.model.image_size
+        limits = [config.scorer.max_frames] + ([config.head.max_frames] if config.head.kind != "meanP" else [])
+        return EncoderInfo(
+            model_version=self.version, frame_encoder_id=self.model.frame_encoder_id,
+            embed_dim=int(self.model.embed_dim), image_size=int(size if isinstance(size, int) else max(size)),
+            num_frames=int(config.num_frames), max_frames=int(min(limits)), device=str(self.model.device))
+
+    def encode(self, *videos: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Frames of several videos -> per video (video_vector[D], frames[T,D]), float32.
+
+        Frames of all videos go through the image tower together, ``batch_frames``
+        at a time, so small videos still fill the device.
+        """
+        torch = self._torch
+        counts = [int(v.shape[0]) for v in videos]
+        with torch.inference_mode():
+            # Preprocess per video: videos may differ in aspect ratio, the output never does.
+            pixels = torch.cat([self.model.preprocess(v) for v in videos])
+            chunks = [self.model.encode_frames(pixels[i:i + self.batch_frames])
+                      for i in range(0, pixels.shape[0], self.batch_frames)]
+            features = torch.cat(chunks)
+            per_video = list(torch.split(features, counts))
+            longest = max(counts)
+            padded = features.new_zeros((len(videos), longest, features.shape[-1]))
+            mask = torch.zeros((len(videos), longest), dtype=torch.bool, device=features.device)
+            for row, frames in enumerate(per_video):
+                padded[row, :frames.shape[0]] = frames
+                mask[row, :frames.shape[0]] = True
+            vectors = self.model.aggregate(padded, mask)
+        return [(vectors[i].float().cpu().numpy(), per_video[i].float().cpu().numpy())
+                for i in range(len(videos))]
+
+
+def use_gpu(settings: Settings) -> bool:
+    """GPU actors when the cluster has a GPU (the driver itself may be CPU-only) and the
+    model device setting allows it."""
+    if settings.model.device == "cpu" or settings.ingest.encoder_num_gpus <= 0:
+        return False
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+class EncoderPool:
+    """``settings.ingest.encoder_actors`` FrameEncoder actors, all serving one model version."""
+
+    def __init__(self, settings: Settings, actors: int | None = None, *, startup_timeout_s: float = 600.0) -> None:
+        count = actors or settings.ingest.encoder_actors
+        gpu = use_gpu(settings)
+        options: dict[str, Any] = {
+            # A crashed actor comes back (reloading the model); calls that were running
+            # on it fail with RayActorError and the pipeline resubmits their videos.
+            "max_restarts": -1, "max_task_retries": 0,
+            "num_cpus": 1,
+        }
+        if gpu:
+            options["num_gpus"] = settings.ingest.encoder_num_gpus
+        actor_class = ray.remote(FrameEncoder)
+        self.actors = [actor_class.options(**options).remote(settings) for _ in range(count)]
+        infos: list[EncoderInfo] = ray.get([a.info.remote() for a in self.actors], timeout=startup_timeout_s)
+        versions = {i.model_version for i in infos}
+        if len(versions) != 1:
+            # The production alias moved while the actors were loading; a restart settles it.
+            self.close()
+            raise RuntimeError(f"encoder actors loaded different model versions: {sorted(versions)}")
+        self.info = infos[0]
+        self.gpu = gpu
+        self.outstanding = [0] * count
+
+    def pick(self) -> int:
+        """Index of the actor with the fewest calls in flight."""
+        return min(range(len(self.actors)), key=lambda i: self.outstanding[i])
+
+    def close(self) -> None:
+        for actor in self.actors:
+            try:
+                ray.kill(actor)
+            except Exception:  # noqa: BLE001 - already dead is fine
+                pass
+        self.actors = []

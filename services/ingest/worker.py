@@ -1,0 +1,517 @@
+"""The ingest worker: Kafka consumer -> decode -> encode -> vector store -> commit.
+
+One thread drives everything (kafka-python consumers are not thread-safe):
+
+    poll -> Batch -> Pipeline (Ray decode tasks, encoder actors) -> finalise -> commit
+
+* At most ``max_inflight_batches`` batches are between poll and commit. When the
+  limit is reached the assigned partitions are paused and ``poll`` keeps being
+  called (it returns nothing), so heartbeats, rebalances and ``max_poll_interval``
+  stay healthy however long the store or the encoders take.
+* Batches are finalised strictly in poll order (FIFO): DLQ records are produced
+  and acknowledged, the store write is acknowledged (wait=True), and only then are
+  the offsets committed (per partition, highest offset in the batch + 1). So the
+  committed offset of a partition only moves forward, and everything below it
+  is in the store or the DLQ.
+* Transient failures (store unavailable, DLQ produce or commit refused) put the
+  head batch on a capped exponential backoff; it is retried, never committed
+  before it succeeds. Permanent failures (bad messages, bad videos) are per
+  record: to the DLQ, then committed with their batch.
+* Rebalance: kafka-python calls the listener from inside ``poll`` (on its IO
+  thread, while this thread waits in poll), so it never races the code below.
+  Work of revoked partitions is dropped uncommitted; the new owner re-reads it
+  from the committed offset, and re-writing is harmless because point ids are
+  uuid5(video_id).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from typing import Any, Callable
+
+from vidsearch.config import Settings
+from vidsearch.messages import dlq_record
+from vidsearch.telemetry import log_event
+
+from .backoff import Backoff
+from .batch import Batch, Item
+from .encoder import EncoderPool
+from .metrics import IngestMetrics, SummaryLogger
+from .pipeline import Pipeline
+
+log = logging.getLogger(__name__)
+
+# Poll timeouts: short while work is in flight (the loop also watches Ray), longer when idle.
+BUSY_POLL_MS = 20
+IDLE_POLL_MS = 250
+LAG_REFRESH_S = 5.0
+
+
+class WorkerError(RuntimeError):
+    """The worker can't start (no broker, store layout mismatch ...); one-line message."""
+
+
+class _Transient(Exception):
+    """A finalisation step failed in a way that a later retry can fix."""
+
+    def __init__(self, stage: str, reason: str) -> None:
+        super().__init__(f"{stage}: {reason}")
+        self.stage = stage
+        self.reason = reason
+
+
+def ensure_ray(settings: Settings) -> None:
+    """Join the configured Ray cluster, or start a local one (once per process)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if settings.ray.address:
+        ray.init(address=settings.ray.address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=settings.ray.num_cpus, include_dashboard=False, log_to_driver=False)
+
+
+class IngestWorker:
+    """One consumer-group member. ``run()`` until ``stop()``; or ``run_until`` in tests.
+
+    ``pool`` and ``store`` may be passed in (tests share one encoder actor between
+    workers); a worker closes only what it created.
+    """
+
+    def __init__(self, settings: Settings, *, topic: str | None = None, group: str | None = None,
+                 pool: EncoderPool | None = None, store: Any = None, metrics: IngestMetrics | None = None,
+                 client_id: str | None = None, shutdown_grace_s: float | None = None) -> None:
+        self.settings = settings
+        self.topic = topic or settings.broker.ingest_topic
+        self.group = group or settings.broker.consumer_group
+        self.dlq_topic = settings.broker.dlq_topic
+        self.client_id = client_id or "vidsearch-ingest"
+        self.metrics = metrics or IngestMetrics()
+        self.shutdown_grace_s = settings.ingest.shutdown_grace_s if shutdown_grace_s is None else shutdown_grace_s
+        self._pool, self._owns_pool = pool, pool is None
+        self._store, self._owns_store = store, store is None
+        self._consumer: Any = None
+        self._producer: Any = None
+        self.pipeline: Pipeline | None = None
+        self.collection: str | None = None
+        self.model_version: str | None = None
+        self.frame_encoder: str | None = None
+        self._inflight: deque[Batch] = deque()
+        self._backoff = Backoff(settings.ingest.retry_initial_s, settings.ingest.retry_max_s)
+        self._summary = SummaryLogger(self.metrics, settings.ingest.log_summary_interval_s)
+        self._stop = threading.Event()
+        self._paused = False
+        self._next_lag = 0.0
+        self._started = False
+        self._closed = False
+        # What the partitions were, for the revoke listener and tests.
+        self.assignment: set[tuple[str, int]] = set()
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> "IngestWorker":
+        if self._started:
+            return self
+        from kafka import KafkaConsumer, KafkaProducer
+        from kafka.errors import KafkaError
+
+        from vidsearch.broker import BrokerError, ensure_topics
+        from vidsearch.store import collection_name, open_store
+
+        settings = self.settings
+        broker = settings.broker
+        if not broker.bootstrap:
+            raise WorkerError("no Kafka broker configured: set KAFKA_BOOTSTRAP (or broker.bootstrap)")
+        try:
+            ensure_topics(broker.bootstrap, [self.topic, self.dlq_topic], broker.partitions)
+        except BrokerError as exc:
+            raise WorkerError(str(exc).splitlines()[0]) from None
+
+        ensure_ray(settings)
+        if self._pool is None:
+            self._pool = EncoderPool(settings)
+        info = self._pool.info
+        self.model_version, self.frame_encoder = info.model_version, info.frame_encoder_id
+        if self._store is None:
+            self._store = open_store(settings)
+        self.collection = collection_name(info.model_version, settings.store.alias)
+        self._ensure_collection(first_boot=True)
+        self.pipeline = Pipeline(
+            self._pool, settings.decode, num_frames=self._frames_per_video(info),
+            resize_to=info.image_size, parallelism=settings.ingest.decode_parallelism,
+            batch_frames=settings.ingest.encoder_batch_frames, retry_initial_s=settings.ingest.retry_initial_s,
+            retry_max_s=settings.ingest.retry_max_s, metrics=self.metrics)
+        try:
+            self._producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all",
+                                           client_id=f"{self.client_id}-dlq", linger_ms=0)
+            self._consumer = KafkaConsumer(
+                bootstrap_servers=broker.bootstrap, group_id=self.group, client_id=self.client_id,
+                enable_auto_commit=False, auto_offset_reset="earliest",
+                session_timeout_ms=broker.session_timeout_ms, heartbeat_interval_ms=broker.heartbeat_interval_ms,
+                max_poll_interval_ms=broker.max_poll_interval_ms, max_poll_records=broker.max_poll_records)
+        except KafkaError as exc:
+            raise WorkerError(f"cannot reach Kafka at {broker.bootstrap}: {exc}") from None
+        self._consumer.subscribe([self.topic], listener=_listener_class()(self))
+        self.metrics.serve(settings.ingest.metrics_port)
+        self._started = True
+        log_event(log, "ingest worker started", topic=self.topic, group=self.group, collection=self.collection,
+                  model_version=self.model_version, encoder_actors=len(self._pool.actors),
+                  device=info.device, gpu=self._pool.gpu)
+        return self
+
+    def _frames_per_video(self, info: Any) -> int:
+        decode = self.settings.decode
+        # The model's own frame count (uniform) or the cap (fps), never more than the
+        # head/scorer position embeddings or the decode limit allow.
+        wanted = info.num_frames if decode.sampling == "uniform" else decode.max_frames
+        return max(1, min(wanted, info.max_frames, decode.max_frames))
+
+    def _ensure_collection(self, first_boot: bool = False) -> None:
+        """Create ``videos__<version>``; on first boot (no alias yet) point the alias at it."""
+        from vidsearch.store import StoreError
+
+        info = self._pool.info
+        while True:
+            try:
+                self._store.ensure_collection(self.collection, info.embed_dim, info.embed_dim)
+                alias = self.settings.store.alias
+                if first_boot and self._store.resolve_alias(alias) is None:
+                    self._store.set_alias(self.collection, alias)
+                    log_event(log, "alias created (first boot)", alias=self.settings.store.alias,
+                              collection=self.collection)
+                return
+            except StoreError as exc:
+                from vidsearch.store import StoreUnavailable
+
+                if not isinstance(exc, StoreUnavailable):
+                    raise WorkerError(str(exc)) from None
+                delay = self._backoff.failed()
+                self.metrics.retries.labels(stage="store").inc()
+                log_event(log, "store unavailable at startup, retrying", logging.WARNING,
+                          retry_in_s=round(delay, 2), reason=str(exc)[:300])
+                if self._stop.wait(delay):
+                    raise WorkerError("stopped while waiting for the store") from None
+
+    def stop(self) -> None:
+        """Ask the loop to stop polling and drain (safe from signal handlers and other threads)."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def run(self) -> None:
+        """Consume until :meth:`stop`; then drain within the grace period and close."""
+        self.start()
+        try:
+            while not self.stopping:
+                self.step()
+            self.drain(self.shutdown_grace_s)
+        finally:
+            self.close()
+
+    def run_until(self, predicate: Callable[["IngestWorker"], bool], timeout_s: float) -> bool:
+        """Step until ``predicate(self)`` holds (True) or ``timeout_s`` passes (False)."""
+        self.start()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.step()
+            if predicate(self):
+                return True
+        return False
+
+    def drain(self, grace_s: float) -> bool:
+        """Stop taking new records and finish in-flight batches; False if the grace ran out."""
+        self._stop.set()
+        deadline = time.monotonic() + grace_s
+        while self._inflight and time.monotonic() < deadline:
+            self.step()
+        if self._inflight:
+            log_event(log, "grace period over, abandoning in-flight batches uncommitted", logging.WARNING,
+                      batches=len(self._inflight))
+            return False
+        return True
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._consumer is not None:
+            # Closing revokes the partitions (the listener abandons what is left) and
+            # leaves the group at once, so the partitions move without a session timeout.
+            try:
+                self._consumer.close(autocommit=False, timeout_ms=5000)
+            except Exception as exc:  # noqa: BLE001 - closing must not mask the real exit reason
+                log_event(log, "consumer close failed", logging.WARNING, error=str(exc))
+        if self._producer is not None:
+            try:
+                self._producer.close(timeout=5)
+            except Exception as exc:  # noqa: BLE001
+                log_event(log, "producer close failed", logging.WARNING, error=str(exc))
+        if self._owns_pool and self._pool is not None:
+            self._pool.close()
+        if self._owns_store and self._store is not None:
+            self._store.close()
+        self._summary.maybe_log(force=True)
+        log_event(log, "ingest worker stopped", topic=self.topic, group=self.group)
+
+    # ------------------------------------------------------------------ the loop
+    def step(self) -> None:
+        """One loop iteration: progress the pipeline, finalise, poll."""
+        self.pipeline.pump()
+        self._finalise_ready()
+        accept = not self.stopping and len(self._inflight) < self.settings.ingest.max_inflight_batches
+        self._set_paused(not accept)
+        busy = self.pipeline.busy or bool(self._inflight)
+        records = self._consumer.poll(timeout_ms=BUSY_POLL_MS if busy or not accept else IDLE_POLL_MS)
+        if records and accept:
+            self._take(records)
+        elif busy:
+            # Nothing new from Kafka: wait on Ray instead of spinning.
+            self.pipeline.wait(0.1 if self._backoff.ready() else min(0.1, self._backoff.remaining_s() + 0.01))
+        self._refresh_lag()
+        self._summary.maybe_log()
+
+    def _set_paused(self, paused: bool) -> None:
+        assigned = self._consumer.assignment() or set()
+        if paused:
+            if assigned:
+                self._consumer.pause(*assigned)
+        elif self._paused and assigned:
+            self._consumer.resume(*assigned)
+        self._paused = paused
+
+    def _take(self, records: dict[Any, list[Any]]) -> None:
+        flat = [record for tp_records in records.values() for record in tp_records]
+        batch = Batch.from_records(flat)
+        self._inflight.append(batch)
+        self.metrics.inflight.set(len(self._inflight))
+        self.pipeline.submit(batch.items)
+        for item in batch.items:
+            if item.failed:
+                log_event(log, "bad message", logging.WARNING, error_class=item.error_class,
+                          reason=item.reason[:300], **item.describe())
+
+    # ------------------------------------------------------------------ finalise
+    def _finalise_ready(self) -> None:
+        while self._inflight:
+            batch = self._inflight[0]
+            if batch.abandoned:
+                self._drop_head("abandoned")
+                continue
+            if not batch.ready or not self._backoff.ready():
+                return
+            try:
+                self._finalise(batch)
+            except _Transient as exc:
+                delay = self._backoff.failed()
+                self.metrics.retries.labels(stage=exc.stage).inc()
+                log_event(log, "transient failure, batch will be retried", logging.WARNING, stage=exc.stage,
+                          batch=batch.id, retry_in_s=round(delay, 2), reason=exc.reason[:300])
+                return
+            self._backoff.succeeded()
+            self.metrics.batch_latency.observe(time.monotonic() - batch.polled_at)
+            self._drop_head("committed")
+
+    def _drop_head(self, outcome: str) -> None:
+        self._inflight.popleft()
+        self.metrics.batches.labels(outcome=outcome).inc()
+        self.metrics.inflight.set(len(self._inflight))
+
+    def _finalise(self, batch: Batch) -> None:
+        if not batch.dlq_sent:
+            self._write_points_check(batch)
+            self._send_dlq(batch)
+            batch.dlq_sent = True
+        if not batch.store_written:
+            self._write_store(batch)
+            batch.store_written = True
+        self._commit(batch)
+
+    def _write_points_check(self, batch: Batch) -> None:
+        """Build every point now, so a point the store schema refuses goes to the DLQ
+        with its message instead of failing the whole batch's write.
+
+        A refused op is a failed op: the video falls back to its previous op in the
+        batch (see batch.py), which may be an upsert that needs its point too, hence
+        the loop until nothing new fails.
+        """
+        while True:
+            upserts, _ = batch.final_ops()
+            refused = False
+            for item in upserts:
+                if item.point is not None:
+                    continue
+                try:
+                    item.point = self._point(item)
+                except ValueError as exc:
+                    item.fail("bad_message" if "metadata" in str(exc) else "encode_failed", str(exc)[:1000])
+                    refused = True
+            if not refused:
+                return
+
+    def _point(self, item: Item) -> Any:
+        from vidsearch.store import VideoPoint, build_payload
+
+        op, encoded = item.op, item.encoded
+        payload = build_payload(op.video_id, op.uri, op.metadata, encoded.timestamps, encoded.duration_s,
+                                self.frame_encoder, self.model_version)
+        payload.update({"width": encoded.width, "height": encoded.height, "fps": encoded.fps,
+                        "codec": encoded.codec})
+        return VideoPoint(op.video_id, encoded.video_vector, encoded.frames, payload)
+
+    def _send_dlq(self, batch: Batch) -> None:
+        from kafka.errors import KafkaError
+
+        failed = batch.dlq_items()
+        if not failed:
+            return
+        try:
+            futures = [self._producer.send(self.dlq_topic, key=item.key, value=dlq_record(
+                item.value, item.key, item.topic, item.partition, item.offset, item.error_class, item.reason))
+                for item in failed]
+            self._producer.flush(timeout=30)
+            for future in futures:
+                future.get(timeout=0)  # raises if that record was not acknowledged
+        except KafkaError as exc:
+            raise _Transient("dlq", f"{type(exc).__name__}: {exc}") from None
+        for item in failed:
+            self.metrics.dlq.labels(error_class=item.error_class).inc()
+            log_event(log, "sent to DLQ", logging.WARNING, error_class=item.error_class,
+                      reason=item.reason[:300], **item.describe())
+
+    def _write_store(self, batch: Batch) -> None:
+        from vidsearch.store import CollectionNotFound, StoreError, StoreUnavailable
+
+        upserts, deletes = batch.final_ops()
+        try:
+            if upserts:
+                self._store.upsert(self.collection, [item.point for item in upserts])
+            if deletes:
+                self._store.delete(self.collection, [item.op.video_id for item in deletes])
+        except CollectionNotFound as exc:
+            # Someone dropped the collection under us: recreate it, then retry the batch.
+            try:
+                self._store.ensure_collection(self.collection, self._pool.info.embed_dim, self._pool.info.embed_dim)
+            except StoreError:
+                pass
+            raise _Transient("store", str(exc)) from None
+        except StoreUnavailable as exc:
+            raise _Transient("store", str(exc)) from None
+        except StoreError as exc:
+            # Not a connectivity problem, but the store refused the write: nothing is
+            # committed and the batch is retried; a persistent refusal shows in the
+            # logs and the retry counter instead of silently dropping videos.
+            raise _Transient("store", f"store refused the write: {exc}") from None
+        if upserts:
+            self.metrics.videos_ingested.labels(op="upsert").inc(len(upserts))
+        if deletes:
+            self.metrics.videos_ingested.labels(op="delete").inc(len(deletes))
+        log_event(log, "batch stored", logging.DEBUG, batch=batch.id, upserts=len(upserts), deletes=len(deletes))
+
+    def _commit(self, batch: Batch) -> None:
+        from kafka import TopicPartition
+        from kafka.errors import KafkaError
+        from kafka.structs import OffsetAndMetadata
+
+        offsets = {TopicPartition(topic, partition): OffsetAndMetadata(offset, "", -1)
+                   for (topic, partition), offset in batch.commit_offsets().items()}
+        if not offsets:
+            return
+        try:
+            self._consumer.commit(offsets)
+        except KafkaError as exc:
+            # CommitFailed / rebalance in progress: the next poll rejoins and the revoke
+            # listener abandons this batch if its partitions moved; otherwise retry.
+            raise _Transient("commit", f"{type(exc).__name__}: {exc}") from None
+        log_event(log, "batch committed", logging.DEBUG, batch=batch.id, records=len(batch.items),
+                  offsets={f"{t.topic}[{t.partition}]": o.offset for t, o in offsets.items()})
+
+    # ------------------------------------------------------------------ rebalance
+    def on_revoked(self, partitions: set[Any]) -> None:
+        revoked = {(tp.topic, tp.partition) for tp in partitions}
+        self.assignment -= revoked
+        abandoned = 0
+        for batch in self._inflight:
+            hit = batch.partitions() & revoked
+            if hit:
+                batch.revoked |= hit
+                abandoned += sum(1 for item in batch.items if item.tp in hit)
+        self.pipeline.drop_revoked()
+        # A finished batch whose partitions are all gone is removed at once; a partly
+        # revoked one is finalised later with only its remaining partitions.
+        while self._inflight and self._inflight[0].abandoned:
+            self._drop_head("abandoned")
+        self._inflight = deque(b for b in self._inflight if not b.abandoned)
+        self.metrics.inflight.set(len(self._inflight))
+        self._backoff.succeeded()  # a fresh assignment starts without the old batch's backoff
+        log_event(log, "partitions revoked", partitions=sorted(revoked), abandoned_records=abandoned)
+
+    def on_assigned(self, partitions: set[Any]) -> None:
+        self.assignment |= {(tp.topic, tp.partition) for tp in partitions}
+        if self._paused and partitions:
+            # Still at the in-flight limit: don't let the new partitions deliver records yet.
+            self._consumer.pause(*partitions)
+        log_event(log, "partitions assigned", partitions=sorted(self.assignment))
+
+    # ------------------------------------------------------------------ observability
+    def _refresh_lag(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now < self._next_lag:
+            return
+        self._next_lag = now + min(LAG_REFRESH_S, self.settings.ingest.log_summary_interval_s)
+        assigned = list(self._consumer.assignment() or [])
+        if not assigned:
+            self.metrics.set_lag({})
+            return
+        try:
+            listed = self._consumer.end_offsets(assigned, timeout_ms=2000)
+            lags = {}
+            for tp in assigned:
+                position = self._consumer.position(tp, timeout_ms=1000)
+                # Two views of the end offset, both lower bounds: the highwater of the last
+                # fetch (stale while paused) and ListOffsets (Tansu answers the last record
+                # batch's base offset + 1 there, short of the end for multi-record batches).
+                end = max(self._consumer.highwater(tp) or 0, listed.get(tp) or 0)
+                if position is not None:
+                    lags[(tp.topic, tp.partition)] = max(0, end - position)
+        except Exception as exc:  # noqa: BLE001 - metrics must never stop ingestion
+            log_event(log, "lag refresh failed", logging.DEBUG, error=str(exc))
+            return
+        self.metrics.set_lag(lags)
+
+    def committed(self) -> dict[tuple[str, int], int | None]:
+        """Committed offsets of the assigned partitions (for tests and operators)."""
+        from kafka import TopicPartition
+
+        return {tp: self._consumer.committed(TopicPartition(*tp)) for tp in sorted(self.assignment)}
+
+    @property
+    def inflight_batches(self) -> int:
+        return len(self._inflight)
+
+
+def _listener_class() -> type:
+    # kafka-python insists on a ConsumerRebalanceListener subclass; imported lazily
+    # like the rest of kafka-python so that `vidsearch --help` stays fast.
+    from kafka import ConsumerRebalanceListener
+
+    class _Listener(ConsumerRebalanceListener):
+        """Forwards rebalance events to the worker."""
+
+        def __init__(self, worker: IngestWorker) -> None:
+            self.worker = worker
+
+        def on_partitions_revoked(self, revoked: set[Any]) -> None:
+            self.worker.on_revoked(set(revoked))
+
+        def on_partitions_lost(self, lost: set[Any]) -> None:
+            # Evicted from the group: handled like a revoke (nothing of it is committed).
+            self.worker.on_revoked(set(lost))
+
+        def on_partitions_assigned(self, assigned: set[Any]) -> None:
+            self.worker.on_assigned(set(assigned))
+
+    return _Listener
