@@ -41,23 +41,23 @@ class _Section(BaseModel):
 
 class BrokerSettings(_Section):
     bootstrap: str | None = Field(None, description="Kafka bootstrap servers; unset = embedded Tansu broker")
-    ingest_topic: str = "videos.ingest"
-    dlq_topic: str = "videos.ingest.dlq"
-    partitions: int = Field(4, ge=1, le=1024)
-    consumer_group: str = "vidsearch-ingest"
-    session_timeout_ms: int = Field(6000, ge=1000)
-    heartbeat_interval_ms: int = Field(1000, ge=100)
-    max_poll_interval_ms: int = Field(300_000, ge=1000)
-    max_poll_records: int = Field(32, ge=1)
+    ingest_topic: str = Field("videos.ingest", description='topic the ingest worker consumes')
+    dlq_topic: str = Field("videos.ingest.dlq", description="dead-letter topic for messages that can't be processed")
+    partitions: int = Field(4, ge=1, le=1024, description='partitions created for both topics (upper bound on worker parallelism)')
+    consumer_group: str = Field("vidsearch-ingest", description='consumer group of the ingest workers')
+    session_timeout_ms: int = Field(6000, ge=1000, description='consumer session timeout')
+    heartbeat_interval_ms: int = Field(1000, ge=100, description='consumer heartbeat interval')
+    max_poll_interval_ms: int = Field(300_000, ge=1000, description='max time between polls before the group evicts a worker')
+    max_poll_records: int = Field(32, ge=1, description='records per poll, i.e. the largest ingest batch')
 
 
 class StoreSettings(_Section):
     url: str | None = Field(None, description="Qdrant server URL; unset = embedded local mode")
-    api_key: SecretStr | None = None
+    api_key: SecretStr | None = Field(None, description='Qdrant API key (from the environment or a secret, never a file in git)')
     path: str = Field("./data/qdrant", description="embedded-mode storage directory")
-    alias: str = "videos"
-    upsert_batch: int = Field(64, ge=1)
-    timeout_s: float = Field(30.0, gt=0)
+    alias: str = Field("videos", description='alias that names the live collection')
+    upsert_batch: int = Field(64, ge=1, description='points per upsert request')
+    timeout_s: float = Field(30.0, gt=0, description='per-request timeout against the store')
     # Filterable fields and their types. System payload fields (video_id, duration_s,
     # ingested_at ...) keep their name; any other name is a metadata field, stored at
     # payload path metadata.<name>. A payload index is created on each.
@@ -81,17 +81,17 @@ class StoreSettings(_Section):
 
 
 class DecodeSettings(_Section):
-    allowed_schemes: list[Literal["file", "http", "https", "s3"]] = ["file"]
+    allowed_schemes: list[Literal["file", "http", "https", "s3"]] = Field(["file"], description='URI schemes ingest accepts: file, http, https, s3')
     allowed_prefixes: list[str] = Field(
         default_factory=lambda: ["./data"],
         description="roots a file uri must resolve inside (after symlinks), or url prefixes",
     )
-    max_bytes: int = Field(512 * 1024 * 1024, ge=1)
-    max_duration_s: float = Field(600.0, gt=0)
+    max_bytes: int = Field(512 * 1024 * 1024, ge=1, description='largest video file accepted')
+    max_duration_s: float = Field(600.0, gt=0, description='longest video accepted (seconds)')
     max_pixels: int = Field(3840 * 2160, ge=1, description="width x height limit")
-    max_frames: int = Field(64, ge=1)
-    num_frames: int = Field(12, ge=1)
-    sampling: Literal["uniform", "fps"] = "uniform"
+    max_frames: int = Field(64, ge=1, description='most frames sampled from one video')
+    num_frames: int = Field(12, ge=1, description='frames sampled per video when sampling=uniform')
+    sampling: Literal["uniform", "fps"] = Field("uniform", description='uniform (num_frames spread over the video) | fps')
     fps: float = Field(1.0, gt=0, description="frames per second when sampling=fps")
     threads: int = Field(0, ge=0, description="PyAV decode threads; 0 = let FFmpeg choose")
 
@@ -99,34 +99,34 @@ class DecodeSettings(_Section):
 class ModelSettings(_Section):
     preset: str = Field("vit-b-32", description="model config preset name or path to a JSON config")
     pretrained: str | None = Field(None, description="open_clip pretrained tag or local checkpoint path")
-    registry_root: str = "./data/registry"
-    model_name: str = "vidsearch"
+    registry_root: str = Field("./data/registry", description='model registry: local path or fsspec URL (s3://, gs://)')
+    model_name: str = Field("vidsearch", description='model name inside the registry')
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
 
 
 class IngestSettings(_Section):
-    encoder_actors: int = Field(1, ge=1)
-    encoder_num_gpus: float = Field(0.25, ge=0, le=1)
-    encoder_batch_frames: int = Field(256, ge=1)
-    decode_parallelism: int = Field(2, ge=1)
-    max_inflight_batches: int = Field(2, ge=1)
-    retry_initial_s: float = Field(0.5, gt=0)
-    retry_max_s: float = Field(30.0, gt=0)
+    encoder_actors: int = Field(1, ge=1, description='frame-encoder Ray actors per worker')
+    encoder_num_gpus: float = Field(0.25, ge=0, le=1, description='GPU share per encoder actor when the cluster has GPUs')
+    encoder_batch_frames: int = Field(256, ge=1, description='frames per encoder forward pass (batched across videos)')
+    decode_parallelism: int = Field(2, ge=1, description='decode tasks in flight')
+    max_inflight_batches: int = Field(2, ge=1, description='poll batches between poll and commit (backpressure)')
+    retry_initial_s: float = Field(0.5, gt=0, description='first backoff after a transient failure')
+    retry_max_s: float = Field(30.0, gt=0, description='backoff cap')
     metrics_port: int = Field(9108, ge=0, le=65535, description="Prometheus port; 0 = off")
-    log_summary_interval_s: float = Field(30.0, gt=0)
+    log_summary_interval_s: float = Field(30.0, gt=0, description='how often the worker logs a metrics summary')
     shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, time to finish in-flight batches")
 
 
 class ServeSettings(_Section):
-    grpc_port: int = Field(50051, ge=1, le=65535)
-    app_name: str = "vidsearch"
-    api_key: SecretStr | None = None
-    default_top_k: int = Field(10, ge=1, le=100)
-    default_recall_k: int = Field(50, ge=1, le=1000)
-    beta: float = Field(0.5, ge=0, le=1)
-    max_query_chars: int = Field(512, ge=1)
-    rerank_deadline_fraction: float = Field(0.5, gt=0, le=1)
-    default_deadline_s: float = Field(10.0, gt=0)
+    grpc_port: int = Field(50051, ge=1, le=65535, description='gRPC port of the search service')
+    app_name: str = Field("vidsearch", description='Serve application of the query ingress (gRPC `application` metadata)')
+    api_key: SecretStr | None = Field(None, description='when set, clients must send `authorization: Bearer <key>`')
+    default_top_k: int = Field(10, ge=1, le=100, description='results per query when the request leaves top_k at 0')
+    default_recall_k: int = Field(50, ge=1, le=1000, description='candidates recalled for re-ranking when recall_k is 0')
+    beta: float = Field(0.5, ge=0, le=1, description='fusion weight: score = beta*rerank + (1-beta)*recall')
+    max_query_chars: int = Field(512, ge=1, description='longest accepted query')
+    rerank_deadline_fraction: float = Field(0.5, gt=0, le=1, description='share of the remaining deadline the reranker may use')
+    default_deadline_s: float = Field(10.0, gt=0, description='deadline when the client sets none')
     reranker_app_name: str = Field("vidsearch-reranker", description="Serve application of the reranker")
     reranker_num_gpus: float = Field(0.5, ge=0, le=8, description="GPU share per reranker replica when the cluster has GPUs")
     alias_poll_s: float = Field(2.0, gt=0, description="how often the query service checks the live alias")
@@ -137,7 +137,7 @@ class ServeSettings(_Section):
 
 class RaySettings(_Section):
     address: str | None = Field(None, description="Ray cluster address; unset = local Ray")
-    num_cpus: int | None = Field(None, ge=1)
+    num_cpus: int | None = Field(None, ge=1, description='CPUs of a local Ray (unset = all)')
 
 
 class Settings(_Section):

@@ -28,7 +28,10 @@ def settings_table() -> str:
                 env = f"`{aliases[dotted]}` or {env}"
             default = info.get_default(call_default_factory=True)
             shown = "unset" if default is None else f"`{default}`"
-            rows.append(f"| `{dotted}` | {env} | {shown} | {info.description or ''} |")
+            # A literal '|' would end the markdown cell early.
+            meaning = (info.description or "").replace("|", "\\|")
+            shown = shown.replace("|", "\\|")
+            rows.append(f"| `{dotted}` | {env} | {shown} | {meaning} |")
     return "\n".join(rows) + "\n"
 
 
