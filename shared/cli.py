@@ -20,6 +20,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("vidsearch.config_cli", "print the effective settings (secrets masked)"),
     "ingest": ("vidsearch.services.ingest.producer_cli", "queue video files, a manifest or deletes for ingestion"),
     "ingest-worker": ("vidsearch.services.ingest.worker_cli", "consume the ingest topic: decode, encode, store"),
+    "serve": ("vidsearch.services.query.serve_cli", "deploy the gRPC search service (ingress + reranker) to Ray Serve"),
+    "search": ("vidsearch.services.query.search_cli", "search the running service and print the results"),
+    "up": ("vidsearch.services.stack.up_cli", "run the whole stack on this machine (broker, store, Ray, worker, Serve)"),
+    "demo": ("vidsearch.services.stack.demo_cli", "synthetic videos -> local stack -> Kafka ingest -> example searches"),
 }
 
 EXIT_USAGE = 2

@@ -7,10 +7,11 @@ of real mp4 files. Each test uses its own topic, DLQ topic and consumer group.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pytest
@@ -54,15 +55,31 @@ def write_clip(path: Path, seed: int, frames: int = 8, size: tuple[int, int] = (
     return write_video(path, ((base + drift) % 256).astype(np.uint8), fps=8.0)
 
 
-@pytest.fixture(scope="session")
-def video_root(tmp_path_factory) -> Path:
-    """NUM_VIDEOS real mp4 files clip-000.mp4 ... plus a few bad files."""
-    root = tmp_path_factory.mktemp("ingest-videos")
+# pytest registers a fixture once per module that imports it, so a session fixture
+# imported by several test modules would be built once per module (and each encoder
+# pool would hold a Ray CPU until the session ends, starving the next ones). The
+# session fixtures below therefore build their value once per process and share it.
+_SESSION: dict[str, Any] = {}
+
+
+def _once(key: str, make: Callable[[], Any]) -> Any:
+    if key not in _SESSION:
+        _SESSION[key] = make()
+    return _SESSION[key]
+
+
+def _write_videos(root: Path) -> Path:
     for i in range(NUM_VIDEOS):
         write_clip(root / f"clip-{i:03d}.mp4", seed=i)
     (root / "garbage.mp4").write_bytes(b"this is not a video at all" * 40)
     write_clip(root / "big.mp4", seed=99, frames=4, size=(480, 640))  # over max_pixels
     return root
+
+
+@pytest.fixture(scope="session")
+def video_root(tmp_path_factory) -> Path:
+    """NUM_VIDEOS real mp4 files clip-000.mp4 ... plus a few bad files."""
+    return _once("video_root", lambda: _write_videos(tmp_path_factory.mktemp("ingest-videos")))
 
 
 def uri(path: Path) -> str:
@@ -172,7 +189,7 @@ def stored_ids(store: Any, collection: str) -> list[str]:
 @pytest.fixture(scope="session")
 def model_registry(tmp_path_factory) -> Path:
     # Empty: load_serving_model falls back to the deterministic base model of the preset.
-    return tmp_path_factory.mktemp("registry")
+    return _once("model_registry", lambda: tmp_path_factory.mktemp("registry"))
 
 
 @pytest.fixture(scope="session")
@@ -180,11 +197,14 @@ def encoder_pool(ray_local, broker, model_registry, video_root, tmp_path_factory
     """One FrameEncoder actor (tiny model, CPU) shared by the session's in-process workers."""
     from vidsearch.services.ingest.encoder import EncoderPool
 
-    settings = make_settings(bootstrap=broker.bootstrap, store_path=tmp_path_factory.mktemp("unused"),
-                             video_root=video_root, registry=model_registry)
-    pool = EncoderPool(settings)
+    def make() -> EncoderPool:
+        settings = make_settings(bootstrap=broker.bootstrap, store_path=tmp_path_factory.mktemp("unused"),
+                                 video_root=video_root, registry=model_registry)
+        return EncoderPool(settings)
+
+    pool = _once("encoder_pool", make)
     yield pool
-    pool.close()
+    pool.close()  # idempotent: the first module's teardown at session end stops it
 
 
 @pytest.fixture(scope="module")
@@ -202,3 +222,215 @@ def settings_for(broker, store_path, video_root, model_registry):
         return make_settings(**kwargs)
 
     return make
+
+
+# ----------------------------------------------------------------------------- more helpers
+# (added for the failure, crash, producer and metrics tests; the helpers above keep
+# their signatures because the query tests import them)
+
+def free_port() -> int:
+    """A free loopback TCP port (the kernel picks; nothing here uses fixed ports)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float, interval_s: float = 0.05) -> bool:
+    """Poll ``predicate`` until it holds (True) or ``timeout_s`` passes (False)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return bool(predicate())
+
+
+def produce_to(bootstrap: str, topic: str,
+               messages: list[tuple[bytes | None, bytes | None, int | None]]) -> None:
+    """Like :func:`produce`, with an explicit partition per message (None = by key)."""
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    try:
+        futures = [producer.send(topic, key=key, value=value, partition=partition)
+                   for key, value, partition in messages]
+        producer.flush(timeout=30)
+        for future in futures:
+            future.get(timeout=30)
+    finally:
+        producer.close(timeout=5)
+
+
+def read_records(bootstrap: str, topic: str, expected: int, timeout_s: float = 20.0) -> list[Any]:
+    """Read ``expected`` raw ConsumerRecords (key, value, partition, offset) from the start
+    of ``topic``, in (partition, offset) order; any extra record is returned too."""
+    import time
+
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    try:
+        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
+        consumer.assign(partitions)
+        consumer.seek_to_beginning(*partitions)
+        out: list[Any] = []
+        deadline = time.monotonic() + timeout_s
+        while len(out) < expected and time.monotonic() < deadline:
+            for records in consumer.poll(timeout_ms=500).values():
+                out.extend(records)
+        for records in consumer.poll(timeout_ms=300).values():
+            out.extend(records)
+        return sorted(out, key=lambda r: (r.partition, r.offset))
+    finally:
+        consumer.close()
+
+
+def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
+    """partition -> committed offset of ``group`` (0 where nothing is committed)."""
+    return {p: committed or 0 for p, (committed, _end) in group_lag(bootstrap, group, topic).items()}
+
+
+def count_points(store: Any, collection: str) -> int:
+    """Points in ``collection``; 0 while the collection does not exist yet."""
+    from vidsearch.store import CollectionNotFound
+
+    try:
+        return store.count(collection)
+    except CollectionNotFound:
+        return 0
+
+
+class WorkerProcess:
+    """``vidsearch ingest-worker`` as a real subprocess.
+
+    Settings travel in a YAML file (VIDSEARCH_CONFIG). The embedded store is a named
+    detached actor of the test's Ray, so the subprocess joins that Ray (RAY_ADDRESS)
+    instead of starting its own: otherwise it would open a second store actor on the
+    same directory, which the file lock forbids.
+    """
+
+    def __init__(self, settings: Settings, workdir: Path, name: str = "worker") -> None:
+        import os
+        import subprocess
+        import sys
+
+        import ray
+        import yaml
+
+        self.config = workdir / f"{name}.yaml"
+        self.config.write_text(yaml.safe_dump(settings.model_dump(mode="json")))
+        self.log_path = workdir / f"{name}.log"
+        env = dict(os.environ, VIDSEARCH_CONFIG=str(self.config),
+                   RAY_ADDRESS=ray.get_runtime_context().gcs_address)
+        with open(self.log_path, "wb") as log_file:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "vidsearch.cli", "--log-level", "INFO", "ingest-worker"],
+                env=env, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
+
+    @property
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout_s: float) -> int:
+        return self.proc.wait(timeout_s)
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        """SIGKILL (if still running) and reap; for cleanup."""
+        if self.running:
+            self.proc.kill()
+        self.proc.wait(30)
+
+
+def run_to_end(worker: Any, bootstrap: str, topic: str, timeout_s: float) -> bool:
+    """Step ``worker`` until it owns every partition of ``topic``, has nothing in flight
+    and has committed each partition up to its current end (False on timeout)."""
+    ends = end_offsets(bootstrap, topic)
+
+    def caught_up(w: Any) -> bool:
+        if w.inflight_batches or len(w.assignment) != len(ends):
+            return False
+        committed = w.committed()
+        return all((committed.get((topic, p)) or 0) == end for p, end in ends.items())
+
+    return worker.run_until(caught_up, timeout_s)
+
+
+def topic_is_empty(bootstrap: str, topic: str) -> bool:
+    """No partition of ``topic`` holds a record (one ListOffsets round trip).
+
+    ListOffsets may fall short of the true end on Tansu (see :func:`end_offsets`), but
+    it is above zero as soon as a partition holds any record, which is all this asks.
+    """
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    try:
+        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
+        assert partitions, f"topic {topic!r} does not exist"
+        return not any(consumer.end_offsets(partitions).values())
+    finally:
+        consumer.close()
+
+
+def scrape_metrics(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """GET /metrics on a local port once: (sample name, sorted labels) -> value."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+@contextlib.contextmanager
+def store_held_down(settings: Settings) -> Iterator[Any]:
+    """A real outage of the embedded store at ``settings.store.path``.
+
+    The store actor is stopped and this process holds Qdrant local mode's exclusive
+    file lock, so every store actor a worker starts dies while opening the directory
+    (StoreUnavailable) until the block exits. Yields the lock-holding QdrantClient,
+    which sees the store's true content meanwhile.
+    """
+    from qdrant_client import QdrantClient
+
+    from vidsearch.store import shutdown_embedded_store
+
+    shutdown_embedded_store(settings)
+    client = _open_local_when_free(QdrantClient, settings.store.path, timeout_s=30.0)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def _open_local_when_free(client_class: Any, path: str, timeout_s: float) -> Any:
+    """Open local mode at ``path``, waiting while a stopped actor's process still holds
+    the lock (it can outlive the actor by a moment)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return client_class(path=path)
+        except RuntimeError as exc:
+            if "already accessed" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)

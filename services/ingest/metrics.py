@@ -52,13 +52,23 @@ class IngestMetrics:
             "vidsearch_ingest_consumer_lag", "End offset minus consumer position, per assigned partition",
             ["topic", "partition"], registry=r)
         self._http_port: int | None = None
+        self._http_server: Any = None
 
     def serve(self, port: int) -> None:
-        """Expose /metrics on ``port`` (0 = off)."""
+        """Expose /metrics on ``port`` (0 = off) until :meth:`close`."""
         if port:
-            start_http_server(port, registry=self.registry)
+            self._http_server, _thread = start_http_server(port, registry=self.registry)
             self._http_port = port
             log_event(log, "metrics endpoint up", port=port)
+
+    def close(self) -> None:
+        """Stop the /metrics endpoint and free its port (a worker started again in the
+        same process would otherwise fail to bind it)."""
+        server, self._http_server = self._http_server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+            log_event(log, "metrics endpoint down", port=self._http_port)
 
     def set_lag(self, lags: dict[tuple[str, int], int]) -> None:
         """Replace the lag gauges: partitions no longer assigned disappear from the output."""

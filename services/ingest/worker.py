@@ -103,6 +103,8 @@ class IngestWorker:
         self._backoff = Backoff(settings.ingest.retry_initial_s, settings.ingest.retry_max_s)
         self._summary = SummaryLogger(self.metrics, settings.ingest.log_summary_interval_s)
         self._stop = threading.Event()
+        # Batches between poll and commit when stop() was first called (for the drain log).
+        self._inflight_at_stop: int | None = None
         self._paused = False
         self._next_lag = 0.0
         self._started = False
@@ -196,6 +198,8 @@ class IngestWorker:
 
     def stop(self) -> None:
         """Ask the loop to stop polling and drain (safe from signal handlers and other threads)."""
+        if self._inflight_at_stop is None:
+            self._inflight_at_stop = len(self._inflight)
         self._stop.set()
 
     @property
@@ -224,7 +228,10 @@ class IngestWorker:
 
     def drain(self, grace_s: float) -> bool:
         """Stop taking new records and finish in-flight batches; False if the grace ran out."""
-        self._stop.set()
+        self.stop()
+        # The loop finishes ready batches before it notices the stop, hence both counts.
+        log_event(log, "draining in-flight batches", batches=len(self._inflight),
+                  at_stop=self._inflight_at_stop, grace_s=grace_s)
         deadline = time.monotonic() + grace_s
         while self._inflight and time.monotonic() < deadline:
             self.step()
@@ -255,6 +262,7 @@ class IngestWorker:
         if self._owns_store and self._store is not None:
             self._store.close()
         self._summary.maybe_log(force=True)
+        self.metrics.close()
         log_event(log, "ingest worker stopped", topic=self.topic, group=self.group)
 
     # ------------------------------------------------------------------ the loop

@@ -1,0 +1,92 @@
+"""What travels between the query ingress and the reranker, and the batched scoring.
+
+Kept free of Ray so the tests (and the benchmark) can compute exactly the scores
+the deployment returns, in-process, with the same model version.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vidsearch.models import VideoTextModel
+
+
+@dataclass
+class RerankRequest:
+    """One query and its recalled candidates' stored frames."""
+
+    text: str
+    frames: np.ndarray  # float32[K, T, D]: padded per-frame embeddings of K candidates
+    mask: np.ndarray  # bool[K, T]: True on real frames
+    model_version: str  # the version that built the searched index; scores must use it
+
+    def __post_init__(self) -> None:
+        self.frames = np.asarray(self.frames, dtype=np.float32)
+        self.mask = np.asarray(self.mask, dtype=bool)
+        if self.frames.ndim != 3 or self.frames.shape[0] == 0:
+            raise ValueError(f"frames: expected a non-empty [K, T, D] array, got shape {self.frames.shape}")
+        if self.mask.shape != self.frames.shape[:2]:
+            raise ValueError(f"mask: shape {self.mask.shape} does not match frames {self.frames.shape[:2]}")
+        if not self.mask.any(axis=1).all():
+            raise ValueError("mask: every candidate needs at least one real frame")
+        if not isinstance(self.text, str) or not self.text.strip():
+            raise ValueError("text: must be a non-empty string")
+
+
+@dataclass
+class RerankResult:
+    scores: np.ndarray  # float32[K]: cross-encoder score per candidate
+    frame_relevance: np.ndarray  # float32[K, T]: per-frame relevance (0 on padding)
+    model_version: str
+    batch_size: int  # requests scored together in this batch (to observe batching)
+
+
+def pad_frames(frames: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Variable-length [T_k, D] frame arrays -> (float32[K, T_max, D], bool[K, T_max])."""
+    if not frames:
+        raise ValueError("pad_frames needs at least one candidate")
+    width = frames[0].shape[-1]
+    longest = max(f.shape[0] for f in frames)
+    out = np.zeros((len(frames), longest, width), dtype=np.float32)
+    mask = np.zeros((len(frames), longest), dtype=bool)
+    for k, f in enumerate(frames):
+        out[k, : f.shape[0]] = f
+        mask[k, : f.shape[0]] = True
+    return out, mask
+
+
+def score_requests(model: VideoTextModel, requests: list[RerankRequest]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Score several queries' candidates in one forward pass of the slow scorer.
+
+    The scorer takes aligned (text, video) pairs, so requests are flattened into
+    pairs: the texts are encoded once for the whole batch and each request's text
+    features are repeated for its candidates. Frames are padded to the longest T in
+    the batch and every result is cut back to its request's own T.
+    """
+    counts = [r.frames.shape[0] for r in requests]
+    longest = max(r.frames.shape[1] for r in requests)
+    width = requests[0].frames.shape[2]
+    frames = np.zeros((sum(counts), longest, width), dtype=np.float32)
+    mask = np.zeros((sum(counts), longest), dtype=bool)
+    start = 0
+    for r in requests:
+        k, t = r.frames.shape[:2]
+        frames[start:start + k, :t] = r.frames
+        mask[start:start + k, :t] = r.mask
+        start += k
+    with torch.inference_mode():
+        text = model.encode_text_features([r.text for r in requests])
+        index = torch.repeat_interleave(torch.arange(len(requests), device=model.device),
+                                        torch.tensor(counts, device=model.device))
+        scores, relevance = model.score_pairs(text.select(index), torch.from_numpy(frames),
+                                              torch.from_numpy(mask))
+    scores_np = scores.cpu().numpy().astype(np.float32)
+    relevance_np = relevance.cpu().numpy().astype(np.float32)
+    results, start = [], 0
+    for r, k in zip(requests, counts):
+        t = r.frames.shape[1]
+        results.append((scores_np[start:start + k], relevance_np[start:start + k, :t]))
+        start += k
+    return results

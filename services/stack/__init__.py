@@ -1,0 +1,1 @@
+"""The embedded single-machine stack: `vidsearch up` and `vidsearch demo`."""
