@@ -20,6 +20,7 @@ from google.protobuf import json_format, struct_pb2
 
 from vidsearch.model_versions import load_model_for_version
 from vidsearch.store import open_store
+from vidsearch.services.query.deadline import DEADLINE_METADATA
 from vidsearch.v1 import search_pb2
 
 from query_support import (NUM_VIDEOS, free_port, query_data, query_service, rpc_error,  # noqa: F401
@@ -254,6 +255,21 @@ def test_without_a_live_index_search_is_failed_precondition(query_service, extra
     assert rpc_error(lambda: client.get_video("vid-01")).code() == grpc.StatusCode.FAILED_PRECONDITION
     # Validation still comes first: a bad request is reported as such.
     assert rpc_error(lambda: client.search(" ")).code() == INVALID
+
+
+# --------------------------------------------------------------------------- deadline
+
+def test_client_deadline_metadata_is_respected(query_service):
+    client = query_service.client()
+    base = client.metadata()
+    # A deadline already spent when the request reaches the replica ends it there.
+    late = rpc_error(lambda: client.search("a red clip", metadata=base + [(DEADLINE_METADATA, "0.001")]))
+    assert late.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "deadline" in late.details()
+    bad = rpc_error(lambda: client.search("a red clip", metadata=base + [(DEADLINE_METADATA, "soon")]))
+    assert bad.code() == INVALID and bad.details().startswith(DEADLINE_METADATA)
+    ok = client.search("a red clip", top_k=3, metadata=base + [(DEADLINE_METADATA, "60000")])
+    assert len(ok.results) == 3
 
 
 # --------------------------------------------------------------------------- auth

@@ -11,6 +11,7 @@ from google.protobuf import json_format, struct_pb2
 from vidsearch.config import ServeSettings, StoreSettings
 from vidsearch.services.query.auth import bearer_token, is_authorized
 from vidsearch.services.query.client import ClientError, describe_rpc_error, format_response, parse_filter
+from vidsearch.services.query.deadline import DEADLINE_METADATA, deadline_from_metadata
 from vidsearch.services.query.errors import RequestError
 from vidsearch.services.query.filters import filters_from_proto
 from vidsearch.services.query.fusion import best_moments, frame_text_cosine, fuse, minmax, rank
@@ -284,3 +285,15 @@ def test_live_index_follows_the_alias_and_keeps_serving_when_a_load_fails(tiny_m
     second = tracker.refresh()
     assert (second.version, second.model) == ("v2", tiny_models["v2"])
     assert first.collection == "videos__v1"  # a request holding the old pair keeps it whole
+
+
+def test_deadline_metadata_is_parsed_in_seconds():
+    assert deadline_from_metadata([("application", "x")]) is None
+    assert deadline_from_metadata([(DEADLINE_METADATA, "1500")]) == 1.5
+    assert deadline_from_metadata([("Vidsearch-Deadline-Ms", b"250")]) == 0.25
+
+
+@pytest.mark.parametrize("raw", ["soon", "0", "-5", "nan", "inf", ""])
+def test_bad_deadline_metadata_names_the_entry(raw):
+    with pytest.raises(RequestError, match=f"^{DEADLINE_METADATA}: must be"):
+        deadline_from_metadata([(DEADLINE_METADATA, raw)])

@@ -17,6 +17,8 @@ from google.protobuf import json_format, struct_pb2
 
 from vidsearch.v1 import search_pb2, search_pb2_grpc
 
+from .deadline import DEADLINE_METADATA
+
 _FILTER_RE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(>=|<=|>|<|=)(.*)$")
 _RANGE_OPS = {">=": "gte", ">": "gt", "<=": "lte", "<": "lt"}
 TITLE_WIDTH = 48
@@ -91,7 +93,8 @@ class SearchClient:
         self._stub = search_pb2_grpc.SearchServiceStub(self._channel)
 
     def metadata(self) -> list[tuple[str, str]]:
-        pairs = [("application", self.app)]
+        # The deadline travels as metadata too: the Serve proxy drops the gRPC one.
+        pairs = [("application", self.app), (DEADLINE_METADATA, str(int(self.timeout_s * 1000)))]
         if self.api_key:
             pairs.append(("authorization", f"Bearer {self.api_key}"))
         return pairs

@@ -38,6 +38,7 @@ from .auth import is_authorized
 from .errors import RequestError
 from .live import LiveIndex, LiveIndexTracker
 from .response import Candidates, build_results, pad_hits, stage_timings, to_struct
+from .deadline import deadline_from_metadata
 from .validation import SearchParams, validate_search, validate_video_id
 
 log = logging.getLogger(__name__)
@@ -157,7 +158,8 @@ class SearchIngress:
         live = await self._capture_live()
         for attempt in range(2):
             t_encode = time.perf_counter()
-            vector = await self._encode_batch((params.query, live))
+            vector = await asyncio.wait_for(self._encode_batch((params.query, live)),
+                                            timeout=max(deadline - t_encode, 0.0))
             t_recall = time.perf_counter()
             try:
                 hits = await asyncio.wait_for(
@@ -260,14 +262,13 @@ class SearchIngress:
                              "authorization: missing or invalid API key (send 'authorization: Bearer <key>')")
 
     def _deadline_s(self, grpc_context: Any) -> float:
-        """Seconds this request may take: the client's deadline when the context
-        exposes it (Serve 2.60's RayServegRPCContext does not forward it), else the
-        configured default."""
-        remaining = getattr(grpc_context, "time_remaining", None)
-        if callable(remaining):
-            value = remaining()
-            if isinstance(value, (int, float)) and value > 0:
-                return float(value)
+        """Seconds this request may take: the client's ``vidsearch-deadline-ms``
+        metadata (Serve 2.60's gRPC proxy does not forward the gRPC deadline itself),
+        else the configured default."""
+        if grpc_context is not None:
+            stated = deadline_from_metadata(grpc_context.invocation_metadata())
+            if stated is not None:
+                return stated
         return self._settings.serve.default_deadline_s
 
     def _fail(self, grpc_context: Any, exc: Exception, empty: Any) -> Any:
@@ -289,7 +290,8 @@ def _as_failure(exc: Exception) -> RpcFailure:
     if isinstance(exc, FilterError):
         return RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"filters: {exc}")
     if isinstance(exc, asyncio.TimeoutError):
-        return RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before recall finished")
+        return RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED,
+                          "the deadline passed before text encoding and recall finished")
     if isinstance(exc, StoreUnavailable):
         return RpcFailure(grpc.StatusCode.UNAVAILABLE, f"vector store unavailable: {exc}")
     if isinstance(exc, StoreError):

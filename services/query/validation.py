@@ -76,3 +76,4 @@ def _validate_query(query: str, max_chars: int) -> str:
     if len(query) > max_chars:
         raise RequestError("query", f"is {len(query)} characters, the limit is {max_chars}")
     return text
+
