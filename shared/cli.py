@@ -78,4 +78,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m vidsearch.cli` (how the local stack starts its worker) runs this file as
+    # __main__, a second module object: commands raise vidsearch.cli.CommandError, which
+    # only the real module's main() catches as a one-line error.
+    from vidsearch.cli import main as _main
+
+    sys.exit(_main())

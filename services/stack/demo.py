@@ -163,6 +163,10 @@ def run_demo(settings: Settings, options: DemoOptions, say: Callable[[str], None
         collection = wait_searchable(stack, [r.video_id for r in records], options.timeout_s, say)
         say(f"==> all {len(records)} videos searchable in {collection} "
             f"({time.monotonic() - started:.0f}s after start)")
+        if collection.split("__", 1)[-1].startswith("base-"):
+            say("    (no trained model is published, so this is the deterministic base model: random-init "
+                "weights, since nothing is downloaded. Its cross-encoder starts out scoring like the dual "
+                "encoder, so the rankings below show the system working, not a trained model's quality.)")
 
         address = f"127.0.0.1:{s.serve.grpc_port}"
         key = s.serve.api_key.get_secret_value() if s.serve.api_key else None
