@@ -221,3 +221,17 @@ def proc_cpu_seconds(pid: int) -> float | None:
     fields = stat.rsplit(")", 1)[1].split()
     ticks = os.sysconf("SC_CLK_TCK")
     return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def proc_state(pid: int) -> str | None:
+    """The scheduler state letter of a process's main thread (R running/runnable, S sleeping,
+    D waiting on I/O ...), or None if it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def load_average() -> float:
+    """The 1-minute load average (runnable processes, all users)."""
+    return round(os.getloadavg()[0], 2)

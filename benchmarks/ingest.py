@@ -29,6 +29,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections import deque
@@ -119,6 +120,7 @@ def decode_only(uris: list[str], settings: Settings, num_frames: int,
     metas: list[Any] = [None] * len(uris)
     pending: dict[Any, int] = {}
     next_video = 0
+    load_before = common.load_average()
     started = time.perf_counter()
     while next_video < len(uris) or pending:
         while next_video < len(uris) and len(pending) < parallelism:
@@ -134,7 +136,8 @@ def decode_only(uris: list[str], settings: Settings, num_frames: int,
     if failed:
         raise RuntimeError(f"{len(failed)} videos failed to decode, first: {failed[0]}")
     counts = [m.num_frames for m in metas]
-    stage = StageResult("decode-only", seconds, len(uris), sum(counts), {"parallelism": parallelism})
+    stage = StageResult("decode-only", seconds, len(uris), sum(counts),
+                        {"parallelism": parallelism, "load": (load_before, common.load_average())})
     return stage, frames_refs, counts
 
 
@@ -150,6 +153,7 @@ def encode_only(settings: Settings, pool: EncoderPool, frames_refs: list[Any],
     info = {"model_version": pool.info.model_version, "device": pool.info.device, "gpu": pool.gpu,
             "actors": len(pool.actors), "embed_dim": pool.info.embed_dim}
     batch_frames = settings.ingest.encoder_batch_frames
+    samplers: list[BusySampler] = []
     try:
         # Warm-up: one call per actor (first-forward allocations, lazy init), not timed.
         ray.get([actor.encode.remote(frames_refs[0]) for actor in pool.actors])
@@ -157,6 +161,9 @@ def encode_only(settings: Settings, pool: EncoderPool, frames_refs: list[Any],
         queue = deque(range(len(frames_refs)))
         calls: dict[Any, tuple[int, list[int]]] = {}
         pack_sizes: list[int] = []
+        sampler = BusySampler().__enter__()
+        samplers.append(sampler)
+        info["load_before"] = common.load_average()
         started = time.perf_counter()
         while queue or calls:
             while queue:
@@ -180,12 +187,18 @@ def encode_only(settings: Settings, pool: EncoderPool, frames_refs: list[Any],
                 if len(results) != len(pack):
                     raise RuntimeError(f"encoder returned {len(results)} results for {len(pack)} videos")
         seconds = time.perf_counter() - started
+        sampler.stop()
+        info["load_after"] = common.load_average()
         info["encoder_cpu_s"] = encoder_cpu_seconds() - cpu_before
+        info["encoder_busy"] = sampler.fraction
     finally:
+        for sampler in samplers:
+            sampler.stop()
         pool.close()
     info["calls"] = len(pack_sizes)
     info["videos_per_call"] = round(sum(pack_sizes) / max(1, len(pack_sizes)), 1)
-    stage = StageResult("encode-only", seconds, len(frames_refs), sum(frame_counts), {"batch_frames": batch_frames})
+    stage = StageResult("encode-only", seconds, len(frames_refs), sum(frame_counts),
+                        {"batch_frames": batch_frames, "load": (info["load_before"], info["load_after"])})
     return stage, info
 
 
@@ -193,6 +206,54 @@ def encoder_cpu_seconds() -> float:
     """CPU seconds used so far by every FrameEncoder actor process on this machine."""
     pids = common.pids_with_title(ENCODER_TITLE, under=os.getpid())
     return sum(common.proc_cpu_seconds(pid) or 0.0 for pid in pids)
+
+
+class BusySampler:
+    """Samples, on a thread, how often the encoder actors have work.
+
+    A sync Ray actor runs its calls on its main thread, so that thread's scheduler state
+    is R (or D) while an encode call runs, even when another process holds the CPU,
+    and S while the actor waits for its next call. The busy fraction therefore shows
+    whether the pipeline kept the encoder fed, independently of how fast the (shared)
+    CPU let it compute.
+    """
+
+    def __init__(self, interval_s: float = 0.05) -> None:
+        self.interval_s = interval_s
+        self.samples = 0
+        self.busy = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "BusySampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop sampling (idempotent, so error paths can call it too)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        pids: list[int] = []
+        next_scan = 0.0
+        while not self._stop.wait(self.interval_s):
+            if time.monotonic() >= next_scan:  # scanning /proc costs more than sampling
+                pids = common.pids_with_title(ENCODER_TITLE, under=os.getpid())
+                next_scan = time.monotonic() + 2.0
+            for pid in pids:
+                state = common.proc_state(pid)
+                if state is not None:
+                    self.samples += 1
+                    self.busy += state in ("R", "D")
+
+    @property
+    def fraction(self) -> float:
+        return self.busy / self.samples if self.samples else float("nan")
 
 
 def wait_for_no_encoders(timeout_s: float = 30.0) -> None:
@@ -370,12 +431,16 @@ def end_to_end(settings: Settings, manifest: Path, n: int, collection: str, rss_
     monitor = KafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=broker.consumer_group,
                             enable_auto_commit=False)  # never subscribes: only reads the group's offsets
     timeline: list[dict[str, float]] = []
+    samplers: list[BusySampler] = []
     try:
         ready_s = worker.wait_ready(timeout_s=600)
         print(f"  worker ready after {ready_s:.1f}s (model loaded, partitions assigned)", flush=True)
         watch = MemoryWatch(worker.pid)
         memory_start = watch.read(0)
         cpu_before = encoder_cpu_seconds()
+        load_before = common.load_average()
+        sampler = BusySampler().__enter__()
+        samplers.append(sampler)
         started = time.perf_counter()
         publish(broker.bootstrap, broker.ingest_topic, ops, partitions=broker.partitions, progress=False)
         produced_s = time.perf_counter() - started
@@ -403,11 +468,15 @@ def end_to_end(settings: Settings, manifest: Path, n: int, collection: str, rss_
                 raise RuntimeError(f"end-to-end run did not finish within an hour: {count} points, "
                                    f"{committed} committed of {n}")
             time.sleep(POLL_S)
+        sampler.stop()
         encoder_cpu_s = encoder_cpu_seconds() - cpu_before
+        load_after = common.load_average()
         final = watch.read(n)
         metrics = scrape_metrics(settings.ingest.metrics_port)
         cpu = {"worker_cpu_s": common.proc_cpu_seconds(worker.pid), "encoder_cpu_s": encoder_cpu_s}
     finally:
+        for each in samplers:
+            each.stop()
         monitor.close(autocommit=False)
         exit_code = worker.stop()
         store.close()
@@ -416,12 +485,14 @@ def end_to_end(settings: Settings, manifest: Path, n: int, collection: str, rss_
         "all_points_s": all_points_s, "worker_exit_code": exit_code,
         "memory_start": asdict(memory_start), "memory_checkpoint": asdict(checkpoint),
         "memory_final": asdict(final), "timeline": timeline, "cpu": cpu,
+        "encoder_busy": sampler.fraction, "load_before": load_before, "load_after": load_after,
         "dlq": metrics.get("vidsearch_ingest_dlq_total", 0.0),
         "retries": metrics.get("vidsearch_ingest_retries_total", 0.0),
         "batches": metrics.get("vidsearch_ingest_batches_total", 0.0),
         "frames_encoded": metrics.get("vidsearch_ingest_frames_encoded_total", 0.0),
     }
-    return StageResult("end-to-end", seconds, n, int(extra["frames_encoded"])), extra
+    stage = StageResult("end-to-end", seconds, n, int(extra["frames_encoded"]), {"load": (load_before, load_after)})
+    return stage, extra
 
 
 # ============================================================================ report
@@ -429,12 +500,27 @@ def growth(before: int, after: int) -> float:
     return (after - before) / before if before else float("nan")
 
 
-def summarise(a: StageResult, b: StageResult, c: StageResult, e2e: dict[str, Any], rss_at: int) -> dict[str, Any]:
+def ratio(x: float, y: float) -> float:
+    """x / y, NaN when y is 0 or NaN (a stage too short to sample)."""
+    return x / y if y and y == y else float("nan")
+
+
+def summarise(a: StageResult, b: StageResult, c: StageResult, e2e: dict[str, Any], enc: dict[str, Any],
+              rss_at: int) -> dict[str, Any]:
     bound = min(a.videos_per_s, b.videos_per_s)
     checkpoint, final = e2e["memory_checkpoint"], e2e["memory_final"]
     total_before = checkpoint["worker_peak"] + checkpoint["encoder_peak"]
     total_after = final["worker_peak"] + final["encoder_peak"]
+    busy_b, busy_c = enc["encoder_busy"], e2e["encoder_busy"]
     return {
+        # When encoding bounds the pipeline, efficiency = feed x speed:
+        #   feed  = busy_c / busy_b: how much of the time the pipeline kept the encoder supplied,
+        #   speed = frames/s while busy in (c) / in (b): how fast the (shared) CPU let it compute.
+        # Only `feed` describes the pipeline; `speed` moves with the machine's background load.
+        "encoder_busy_b": busy_b,
+        "encoder_busy_c": busy_c,
+        "feed_efficiency": ratio(busy_c, busy_b),
+        "busy_speed_ratio": ratio(ratio(c.frames, c.seconds * busy_c), ratio(b.frames, b.seconds * busy_b)),
         "efficiency": c.videos_per_s / bound,
         "bound": "decode" if a.videos_per_s < b.videos_per_s else "encode",
         "rss_growth_worker": growth(checkpoint["worker_peak"], final["worker_peak"]),
@@ -452,6 +538,10 @@ def print_results(args: argparse.Namespace, stages: list[StageResult], summary: 
         print(f"{s.name:>12}: {s.seconds:8.2f} s  {s.videos_per_s:9.3f} videos/s  {s.frames_per_s:10.1f} frames/s")
     print(f"efficiency (c)/min(a,b) = {summary['efficiency']:.3f}  (bound: {summary['bound']}; "
           f"target >= {EFFICIENCY_TARGET})  -> {'met' if summary['efficiency'] >= EFFICIENCY_TARGET else 'MISSED'}")
+    print(f"  = feed {summary['feed_efficiency']:.3f} (encoder busy {summary['encoder_busy_c']:.1%} of (c) vs "
+          f"{summary['encoder_busy_b']:.1%} of (b)) x speed while busy {summary['busy_speed_ratio']:.3f} "
+          f"(load avg (b) {stages[1].extra['load'][0]}->{stages[1].extra['load'][1]}, "
+          f"(c) {stages[2].extra['load'][0]}->{stages[2].extra['load'][1]})")
     cp, fin = e2e["memory_checkpoint"], e2e["memory_final"]
     print(f"worker peak RSS after {summary['rss_at']} videos: {common.mib(cp['worker_peak']):.0f} MiB, "
           f"after {args.n}: {common.mib(fin['worker_peak']):.0f} MiB  "
@@ -550,8 +640,9 @@ def write_markdown(path: Path, png_name: str, args: argparse.Namespace, settings
         *common.machine_section(facts, load_after),
         "",
         "## Results",
-        *common.md_table(["stage", "seconds", "videos/s", "frames/s"], [
-            (s.name, f"{s.seconds:.2f}", f"{s.videos_per_s:.3f}", f"{s.frames_per_s:.1f}") for s in stages]),
+        *common.md_table(["stage", "seconds", "videos/s", "frames/s", "load average, start -> end"], [
+            (s.name, f"{s.seconds:.2f}", f"{s.videos_per_s:.3f}", f"{s.frames_per_s:.1f}",
+             f"{s.extra['load'][0]} -> {s.extra['load'][1]}") for s in stages]),
         "",
         *common.md_table(["ratio", "value", "target", "verdict"], [
             ("efficiency (c) / min(a, b)", f"{summary['efficiency']:.3f} (bound: {summary['bound']})",
@@ -560,6 +651,20 @@ def write_markdown(path: Path, png_name: str, args: argparse.Namespace, settings
              f"{summary['rss_growth_total']:+.1%}", f"<= {RSS_GROWTH_TARGET:.0%}", common.verdict(rss_ok)),
             ("ViT-B/32 bf16 encode-only frames/s (GPU)", gpu["value"], f">= {GPU_FRAMES_TARGET:,} on an H200",
              common.verdict(gpu["ok"])),
+        ]),
+        "",
+        "Diagnostics (they split the efficiency; see *Reading the numbers*):",
+        "",
+        *common.md_table(["diagnostic", "value"], [
+            ("encoder actor busy (has a call running), share of (b) / of (c)",
+             f"{summary['encoder_busy_b']:.1%} / {summary['encoder_busy_c']:.1%}"),
+            ("feed efficiency: busy (c) / busy (b)", f"{summary['feed_efficiency']:.3f}"),
+            ("encoder speed while busy: (c) / (b)", f"{summary['busy_speed_ratio']:.3f}"),
+            ("encoder CPU per frame: (b) / (c)",
+             f"{enc['encoder_cpu_s'] / b.frames * 1000:.0f} ms / "
+             f"{e2e['cpu']['encoder_cpu_s'] / max(1, c.frames) * 1000:.0f} ms"),
+            ("encoder CPU share (CPU seconds per wall second): (b) / (c)",
+             f"{enc['encoder_cpu_s'] / b.seconds:.2f} / {e2e['cpu']['encoder_cpu_s'] / c.seconds:.2f}"),
         ]),
         "",
         f"### Worker memory (from /proc; peak = max of VmHWM and every VmRSS sampled every {POLL_S:g} s)",
@@ -601,31 +706,37 @@ def analysis(args: argparse.Namespace, settings: Settings, stages: list[StageRes
     out = [
         f"- The pipeline is bounded by **{summary['bound']}**: decode-only runs at {a.videos_per_s:.2f} videos/s "
         f"and encode-only at {b.videos_per_s:.2f} videos/s, a factor of "
-        f"{max(a.videos_per_s, b.videos_per_s) / bound:.1f} apart.",
-        f"- At the bound the {args.n} videos would take {ideal_s:.1f} s; end to end took {c.seconds:.1f} s, "
-        f"{lost:+.1f} s ({lost / c.seconds:.0%} of the run) more.",
+        f"{max(a.videos_per_s, b.videos_per_s) / bound:.1f} apart. At the bound the {args.n} videos would take "
+        f"{ideal_s:.1f} s; end to end took {c.seconds:.1f} s ({lost:+.1f} s).",
     ]
-    # Where the encoder's time went: idle (starved by the pipeline) or slower (sharing the CPU).
-    busy_b = enc["encoder_cpu_s"] / b.seconds
-    busy_c = e2e["cpu"]["encoder_cpu_s"] / c.seconds
-    per_frame_b = enc["encoder_cpu_s"] / b.frames * 1000
-    per_frame_c = e2e["cpu"]["encoder_cpu_s"] / max(1, c.frames) * 1000
-    if enc["device"] == "cpu" and summary["bound"] == "encode":
+    if summary["bound"] == "encode":
+        feed, speed = summary["feed_efficiency"], summary["busy_speed_ratio"]
         out.append(
-            f"- Encoder actor CPU: in (b) it was busy {busy_b:.0%} of the wall time at {per_frame_b:.0f} CPU-ms per "
-            f"frame; in (c) {busy_c:.0%} at {per_frame_c:.0f} CPU-ms per frame. "
-            + ("Its CPU cost per frame rose, so part of the loss is compute slowed by sharing the "
-               f"{facts['cpu_count']} cores with decoding, Kafka, the store actor, the worker loop and other jobs. "
-               if per_frame_c > per_frame_b * 1.05 else "")
-            + ("It also sat idle for part of the run, waiting for work from the pipeline. "
-               if busy_c < busy_b - 0.05 else "")
-            + "On a GPU node the encoder does not share its device with decoding, so CPU contention costs less there.")
+            f"- The efficiency {summary['efficiency']:.3f} is the product of two factors. **Feed** "
+            f"{feed:.3f}: the encoder actor had a call running {summary['encoder_busy_c']:.1%} of the time in (c) "
+            f"against {summary['encoder_busy_b']:.1%} in (b), so the pipeline "
+            + ("kept it supplied" if feed >= 0.95 else "left it waiting for work part of the time")
+            + f". **Speed** {speed:.3f}: while busy, it encoded {speed:.2f}x as many frames per second in (c) as in "
+            f"(b). Its CPU cost per frame was {enc['encoder_cpu_s'] / b.frames * 1000:.0f} ms in (b) and "
+            f"{e2e['cpu']['encoder_cpu_s'] / max(1, c.frames) * 1000:.0f} ms in (c), but it got "
+            f"{enc['encoder_cpu_s'] / b.seconds:.2f} of a core in (b) and "
+            f"{e2e['cpu']['encoder_cpu_s'] / c.seconds:.2f} in (c). The speed factor is the machine, not the "
+            "pipeline: it moves with the CPU left over by decoding, Kafka, the store actor, the worker loop and, "
+            f"here, other people's jobs (load average during (b) {b.extra['load'][0]} -> {b.extra['load'][1]}, "
+            f"during (c) {c.extra['load'][0]} -> {c.extra['load'][1]}). The feed factor is the load-independent "
+            "measure of the pipeline.")
+        if summary["efficiency"] > 1.0:
+            out.append("- An efficiency above 1 cannot come from the pipeline: (c) ran while the machine was less "
+                       "loaded than during (b). Re-run on a quiet machine (or a GPU node) for a clean ratio.")
+    if enc["device"] == "cpu":
+        out.append("- On a GPU node the encoder does not share its device with decoding and the driver, so the "
+                   "CPU contention inside (c) costs less there.")
     out.append(
         f"- The worker keeps at most {settings.broker.max_poll_records * settings.ingest.max_inflight_batches} videos "
         f"between poll and commit ({settings.ingest.max_inflight_batches} batches of up to "
-        f"{settings.broker.max_poll_records}) and commits in poll order, so the first points appear only when the "
-        f"first poll batch is fully encoded ({e2e['first_point_s']:.1f} s here); the encoder keeps working meanwhile, "
-        "so this delays visibility rather than throughput.")
+        f"{settings.broker.max_poll_records}) and commits in poll order, so the first points appear only once the "
+        f"first poll batch is encoded ({e2e['first_point_s']:.1f} s here); the encoder keeps working meanwhile, so "
+        "this delays visibility, not throughput.")
     out.append(
         f"- Memory: the worker process's peak RSS moved {summary['rss_growth_worker']:+.1%} and the encoder actor's "
         f"{summary['rss_growth_encoder']:+.1%} between {summary['rss_at']} and {args.n} videos; the decoded "
@@ -732,7 +843,7 @@ def main(argv: list[str] | None = None) -> int:
     load1, load5, _ = os.getloadavg()
 
     stages = [decode, encode, e2e_stage]
-    summary = summarise(decode, encode, e2e_stage, e2e, args.rss_at)
+    summary = summarise(decode, encode, e2e_stage, e2e, enc, args.rss_at)
     print_results(args, stages, summary, e2e, enc, gpu)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     png = args.out_dir / "ingest.png"

@@ -295,12 +295,14 @@ def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
 
 
 def count_points(store: Any, collection: str) -> int:
-    """Points in ``collection``; 0 while the collection does not exist yet."""
-    from vidsearch.store import CollectionNotFound
+    """Points in ``collection``, for polling: 0 while the collection does not exist yet
+    or the store does not answer (a cold store actor can take longer than a short
+    store timeout to start)."""
+    from vidsearch.store import CollectionNotFound, StoreUnavailable
 
     try:
         return store.count(collection)
-    except CollectionNotFound:
+    except (CollectionNotFound, StoreUnavailable):
         return 0
 
 
@@ -434,3 +436,22 @@ def _open_local_when_free(client_class: Any, path: str, timeout_s: float) -> Any
             if "already accessed" not in str(exc) or time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
+
+
+def run_vidsearch(args: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None,
+                  timeout_s: float = 120.0) -> Any:
+    """Run the installed ``vidsearch`` console script (what a user runs) to completion.
+
+    The environment is this process's minus every vidsearch / endpoint setting, plus
+    ``env``, so a developer's own configuration never leaks in.
+    """
+    import os
+    import subprocess
+    import sys
+
+    script = Path(sys.executable).with_name("vidsearch")
+    assert script.exists(), f"{script} is missing: run `make install`"
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith("VIDSEARCH_") and k not in ("KAFKA_BOOTSTRAP", "QDRANT_URL", "RAY_ADDRESS")}
+    return subprocess.run([str(script), "--log-level", "WARNING", *args], env={**clean, **(env or {})}, cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout_s)

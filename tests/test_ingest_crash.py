@@ -46,11 +46,13 @@ def _crash_settings(settings_for: Any, **overrides: Any) -> Settings:
     return settings
 
 
-def _produce_clips(broker: Any, settings: Settings, video_root: Path) -> list[str]:
-    ids = [f"clip-{i:03d}" for i in range(NUM)]
+def _produce_clips(broker: Any, settings: Settings, video_root: Path, first: int = 0,
+                   last: int = NUM) -> list[str]:
+    """Publish clips first..last-1 (video_id = clip name, metadata n = its number)."""
+    ids = [f"clip-{i:03d}" for i in range(first, last)]
     ensure_topic(broker.bootstrap, settings.broker.ingest_topic)
     produce(broker.bootstrap, settings.broker.ingest_topic,
-            [upsert_msg(v, video_root / f"{v}.mp4", n=i) for i, v in enumerate(ids)])
+            [upsert_msg(v, video_root / f"{v}.mp4", n=int(v[-3:])) for v in ids])
     return ids
 
 
@@ -129,15 +131,17 @@ def test_sigterm_mid_batch_finishes_and_commits_in_flight_work_then_exits_zero(
                                metrics_port=port, shutdown_grace_s=120.0)
     topic, group = settings.broker.ingest_topic, settings.broker.consumer_group
     collection = collection_name(encoder_pool.info.model_version, settings.store.alias)
-    ids = _produce_clips(broker, settings, video_root)
+    ids = _produce_clips(broker, settings, video_root, last=2)
 
     store = open_store(settings)
     proc = WorkerProcess(settings, tmp_path, "stopped")
     try:
-        started = wait_for(lambda: count_points(store, collection) > 0 or not proc.running, START_TIMEOUT_S)
+        started = wait_for(lambda: count_points(store, collection) == 2 or not proc.running, START_TIMEOUT_S)
         assert started and proc.running, proc.log_tail()
-        # Pin the worker mid-batch: with the store down, its in-flight batches can't finish.
+        # Pin the worker mid-batch: the rest arrives while the store is down, so the
+        # batches it polls can't finish.
         with store_held_down(settings) as held:
+            ids += _produce_clips(broker, settings, video_root, first=2)
             assert wait_for(lambda: _stuck_mid_batch(port) or not proc.running, 60), proc.log_tail()
             stored_before = {p.payload["video_id"] for p in held.scroll(collection, limit=1000)[0]}
             committed_before = _ids_below_committed(broker, topic, group)

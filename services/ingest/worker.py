@@ -26,6 +26,7 @@ One thread drives everything (kafka-python consumers are not thread-safe):
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 import time
 from collections import deque
@@ -68,10 +69,18 @@ def ensure_ray(settings: Settings) -> None:
 
     if ray.is_initialized():
         return
-    if settings.ray.address:
-        ray.init(address=settings.ray.address, log_to_driver=False)
-    else:
-        ray.init(num_cpus=settings.ray.num_cpus, include_dashboard=False, log_to_driver=False)
+    # ray.init replaces the SIGTERM handler with one that exits at once (code 15). A
+    # handler the application installed (the CLI's stop-and-drain) is put back.
+    previous = signal.getsignal(signal.SIGTERM)
+    restore = callable(previous) and threading.current_thread() is threading.main_thread()
+    try:
+        if settings.ray.address:
+            ray.init(address=settings.ray.address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=settings.ray.num_cpus, include_dashboard=False, log_to_driver=False)
+    finally:
+        if restore:
+            signal.signal(signal.SIGTERM, previous)
 
 
 class IngestWorker:
@@ -111,6 +120,8 @@ class IngestWorker:
         self._closed = False
         # What the partitions were, for the revoke listener and tests.
         self.assignment: set[tuple[str, int]] = set()
+        # Per revoked partition, the first offset of its abandoned records (see on_assigned).
+        self._rewind: dict[tuple[str, int], int] = {}
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "IngestWorker":
@@ -130,6 +141,13 @@ class IngestWorker:
             ensure_topics(broker.bootstrap, [self.topic, self.dlq_topic], broker.partitions)
         except BrokerError as exc:
             raise WorkerError(str(exc).splitlines()[0]) from None
+        try:
+            # Before the slow steps, so that a taken port fails at once; and it shows the
+            # retry counter while the store is unreachable at startup.
+            self.metrics.serve(settings.ingest.metrics_port)
+        except OSError as exc:
+            raise WorkerError(f"cannot serve metrics on port {settings.ingest.metrics_port}: "
+                              f"{exc.strerror or exc}") from None
 
         ensure_ray(settings)
         if self._pool is None:
@@ -156,7 +174,6 @@ class IngestWorker:
         except KafkaError as exc:
             raise WorkerError(f"cannot reach Kafka at {broker.bootstrap}: {exc}") from None
         self._consumer.subscribe([self.topic], listener=_listener_class()(self))
-        self.metrics.serve(settings.ingest.metrics_port)
         self._started = True
         log_event(log, "ingest worker started", topic=self.topic, group=self.group, collection=self.collection,
                   model_version=self.model_version, encoder_actors=len(self._pool.actors),
@@ -208,8 +225,9 @@ class IngestWorker:
 
     def run(self) -> None:
         """Consume until :meth:`stop`; then drain within the grace period and close."""
-        self.start()
         try:
+            # Inside the try: a start that fails half-way still releases what it opened.
+            self.start()
             while not self.stopping:
                 self.step()
             self.drain(self.shutdown_grace_s)
@@ -446,7 +464,10 @@ class IngestWorker:
             hit = batch.partitions() & revoked
             if hit:
                 batch.revoked |= hit
-                abandoned += sum(1 for item in batch.items if item.tp in hit)
+                for item in batch.items:
+                    if item.tp in hit:
+                        abandoned += 1
+                        self._rewind[item.tp] = min(item.offset, self._rewind.get(item.tp, item.offset))
         self.pipeline.drop_revoked()
         # A finished batch whose partitions are all gone is removed at once; a partly
         # revoked one is finalised later with only its remaining partitions.
@@ -459,6 +480,14 @@ class IngestWorker:
 
     def on_assigned(self, partitions: set[Any]) -> None:
         self.assignment |= {(tp.topic, tp.partition) for tp in partitions}
+        # kafka-python keeps the fetch position of a partition that comes straight back
+        # to this member, which is past the records of the batches abandoned on revoke:
+        # they would be skipped, then committed over. Read them again instead.
+        for tp in partitions:
+            offset = self._rewind.get((tp.topic, tp.partition))
+            if offset is not None:
+                self._consumer.seek(tp, offset)
+        self._rewind.clear()  # a partition that went elsewhere restarts from its committed offset
         if self._paused and partitions:
             # Still at the in-flight limit: don't let the new partitions deliver records yet.
             self._consumer.pause(*partitions)

@@ -8,7 +8,7 @@ from types import FrameType
 from vidsearch.cli import CommandError
 from vidsearch.config import Settings
 
-from .worker import IngestWorker, WorkerError, ensure_ray
+from .worker import IngestWorker, WorkerError
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -20,13 +20,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    if not settings.broker.bootstrap:
-        # Checked before joining Ray (seconds) so that this mistake fails at once.
-        raise CommandError("no Kafka broker configured: set KAFKA_BOOTSTRAP (or broker.bootstrap)")
     worker = IngestWorker(settings, topic=args.topic, group=args.group)
-    # ray.init installs its own SIGTERM handler (sys.exit(15): no drain, exit code 15),
-    # so Ray is joined before ours is installed; IngestWorker.start() then finds it running.
-    ensure_ray(settings)
 
     def _stop(signum: int, _frame: FrameType | None) -> None:
         # Only set a flag: the loop notices between steps, stops polling, drains
