@@ -18,7 +18,7 @@ from vidsearch.store import open_store
 from vidsearch.video_writer import write_video
 
 from ingest_support import (  # noqa: F401 - fixtures
-    encoder_pool, end_offsets, ensure_topic, fully_committed, group_lag, model_registry, produce_to,
+    encoder_pool, ensure_topic, fully_committed, group_lag, model_registry, produce_to,
     read_records, settings_for, store_path, stored_ids, upsert_msg, uri, video_root, write_clip,
 )
 
