@@ -562,7 +562,7 @@ def plot(path: Path, stages: list[StageResult], e2e: dict[str, Any], title: str)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(16, 4.5))
     names = [s.name for s in stages]
     rates = [s.videos_per_s for s in stages]
     bars = left.barh(names[::-1], rates[::-1], color=["#4c72b0", "#dd8452", "#55a868"][::-1])
@@ -575,19 +575,20 @@ def plot(path: Path, stages: list[StageResult], e2e: dict[str, Any], title: str)
 
     timeline = e2e["timeline"]
     t = [p["t"] for p in timeline]
-    right.plot(t, [p["points"] for p in timeline], label="points in store", color="#55a868")
-    right.plot(t, [p["committed"] for p in timeline], label="offsets committed", color="#8172b2", linestyle="--")
-    right.set_xlabel("seconds since first produce")
-    right.set_ylabel("videos")
-    right.set_title("(c) end-to-end progress and memory")
-    twin = right.twinx()
-    twin.plot(t, [p["worker_rss_mib"] for p in timeline], color="#c44e52", label="worker RSS")
-    twin.plot(t, [p["encoder_rss_mib"] for p in timeline], color="#937860", label="encoder actor RSS")
-    twin.set_ylabel("RSS (MiB)")
-    twin.set_ylim(bottom=0)
-    lines = right.get_legend_handles_labels()
-    more = twin.get_legend_handles_labels()
-    right.legend(lines[0] + more[0], lines[1] + more[1], loc="upper left", fontsize=8)
+    middle.plot(t, [p["points"] for p in timeline], label="points in the store", color="#55a868")
+    middle.plot(t, [p["committed"] for p in timeline], label="offsets committed", color="#8172b2", linestyle="--")
+    middle.set_xlabel("seconds since the first produce")
+    middle.set_ylabel("videos")
+    middle.set_title("(c) progress (commits come per poll batch)")
+    middle.legend(loc="upper left", fontsize=8)
+
+    right.plot(t, [p["encoder_rss_mib"] for p in timeline], color="#937860", label="encoder actor")
+    right.plot(t, [p["worker_rss_mib"] for p in timeline], color="#c44e52", label="worker process")
+    right.set_yscale("log")
+    right.set_xlabel("seconds since the first produce")
+    right.set_ylabel("RSS (MiB, log scale)")
+    right.set_title("(c) resident memory")
+    right.legend(loc="center right", fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -32,7 +32,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import common
 
@@ -99,6 +99,12 @@ def open_index(settings: Settings, model: VideoTextModel, version: str, n: int, 
     videos, frames = index_vectors(n, int(model.embed_dim), seed)
     marker = Path(settings.store.path).parent / "complete.json"
     store = open_store(settings)
+    # The store actor loads a cached local-mode collection from disk before it answers
+    # (tens of seconds for 5,000 points on a busy CPU), longer than one call's timeout.
+    deadline = time.monotonic() + 900
+    while not store.healthy():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the embedded store at {settings.store.path} did not open within 900s")
     if marker.exists() and store.resolve_alias() == collection and store.count(collection) == n:
         return store, collection, frames, None
     # A partial index from an interrupted run: start over.
@@ -242,6 +248,29 @@ def in_process(model: VideoTextModel, store: VectorStore, collection: str, versi
     return InProcessRecord(t1 - t0, t2 - t1, t3 - t2)
 
 
+def time_rerank(model: VideoTextModel, request: RerankRequest) -> float:
+    """Seconds of one ``score_requests`` call on one query's recalled candidates."""
+    started = time.perf_counter()
+    score_requests(model, [request])
+    return time.perf_counter() - started
+
+
+def batched_forward(model: VideoTextModel, requests: list[RerankRequest], reps: int) -> tuple[float, float]:
+    """The compute side of reranker batching, in-process: p50 seconds of scoring the requests
+    one ``score_requests`` call each vs all in one call (alternating, so load drift hits both)."""
+    singles, batches = [], []
+    score_requests(model, requests)  # warm the larger shapes
+    for _ in range(reps):
+        started = time.perf_counter()
+        for request in requests:
+            score_requests(model, [request])
+        singles.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        score_requests(model, requests)
+        batches.append(time.perf_counter() - started)
+    return common.percentile(singles, 50), common.percentile(batches, 50)
+
+
 def score_everything(model: VideoTextModel, query: str, frames: np.ndarray, chunk: int) -> float:
     """The slow path alone: the cross-encoder over every video of the index, ``chunk``
     candidates per forward (one forward over all of them would need several GiB of
@@ -270,15 +299,14 @@ def recalled_requests(model: VideoTextModel, store: VectorStore, collection: str
     return out
 
 
-def reranker_load(app: str, requests: list[RerankRequest], concurrency: int, total: int) -> tuple[float, float]:
+def reranker_load(app: str, requests: list[RerankRequest], concurrency: int, total: int) -> float:
     """Closed-loop load on the Reranker deployment alone, through a DeploymentHandle (no
-    gRPC, no ingress, no store): (QPS, mean batch size formed)."""
+    gRPC, no ingress, no store); returns the seconds ``total`` calls took."""
     from ray import serve
 
     from vidsearch.services.reranker.deployment import DEPLOYMENT_NAME as RERANKER
 
     handle = serve.get_deployment_handle(RERANKER, app_name=app)
-    before = deployment_stats(app, RERANKER)["batch_sizes"]
     lock = threading.Lock()
     counter = iter(range(total))
     failures: list[str] = []
@@ -304,8 +332,7 @@ def reranker_load(app: str, requests: list[RerankRequest], concurrency: int, tot
     seconds = time.perf_counter() - started
     if failures:
         raise RuntimeError(f"{len(failures)} reranker calls failed, first: {failures[0]}")
-    mean = batch_size_mean(before, deployment_stats(app, RERANKER)["batch_sizes"])
-    return total / seconds, mean
+    return seconds
 
 
 # ============================================================================ Serve
@@ -322,20 +349,70 @@ def batch_size_mean(before: dict[Any, int], after: dict[Any, int]) -> float:
     return sum(k * c for k, c in sizes.items()) / batches if batches else float("nan")
 
 
-def measured_load(client: SearchClient, settings: Settings, queries: list[str], concurrency: int,
-                  total: int) -> tuple[LoadResult, float, float]:
-    """A load run, plus the mean batch sizes the reranker and the ingress's text
-    encoder formed during it."""
-    from vidsearch.services.query.ingress import DEPLOYMENT_NAME as INGRESS
-    from vidsearch.services.reranker.deployment import DEPLOYMENT_NAME as RERANKER
+@dataclass
+class Variant:
+    """One deployed configuration (an ingress app and its reranker app) and what it measured."""
 
-    serve_cfg = settings.serve
-    before = deployment_stats(serve_cfg.reranker_app_name, RERANKER)["batch_sizes"]
-    text_before = deployment_stats(serve_cfg.app_name, INGRESS)["text_batch_sizes"]
-    result = run_load(client, queries, concurrency, total)
-    after = deployment_stats(serve_cfg.reranker_app_name, RERANKER)["batch_sizes"]
-    text_after = deployment_stats(serve_cfg.app_name, INGRESS)["text_batch_sizes"]
-    return result, batch_size_mean(before, after), batch_size_mean(text_before, text_after)
+    name: str
+    settings: Settings
+    client: SearchClient
+    load: LoadResult = field(default_factory=lambda: LoadResult(16, 0.0))
+    reranker_calls: int = 0
+    reranker_seconds: float = 0.0
+    rerank_batch: float = float("nan")  # mean batch in the gRPC runs
+    text_batch: float = float("nan")
+    reranker_alone_batch: float = float("nan")
+
+    def stats(self) -> tuple[dict[Any, int], dict[Any, int]]:
+        from vidsearch.services.query.ingress import DEPLOYMENT_NAME as INGRESS
+        from vidsearch.services.reranker.deployment import DEPLOYMENT_NAME as RERANKER
+
+        serve_cfg = self.settings.serve
+        return (deployment_stats(serve_cfg.reranker_app_name, RERANKER)["batch_sizes"],
+                deployment_stats(serve_cfg.app_name, INGRESS)["text_batch_sizes"])
+
+    @property
+    def reranker_qps(self) -> float:
+        return self.reranker_calls / self.reranker_seconds
+
+
+def alternate(variants: list[Variant], rounds: int, run: Callable[[Variant], None]) -> None:
+    """Run ``run`` on each variant, ``rounds`` times, alternating the order (ABBA...), so a
+    change in the machine's background load hits every variant alike."""
+    for r in range(rounds):
+        for variant in (variants if r % 2 == 0 else variants[::-1]):
+            run(variant)
+
+
+def ab_search_load(variants: list[Variant], queries: list[str], rounds: int, per_round: int) -> None:
+    """gRPC concurrency-16 load on each variant in alternating rounds; fills ``load`` and the
+    mean batch sizes."""
+    before = {v.name: v.stats() for v in variants}
+
+    def run(variant: Variant) -> None:
+        result = run_load(variant.client, queries, 16, per_round)
+        variant.load.records += result.records
+        variant.load.errors += result.errors
+        variant.load.seconds += result.seconds
+
+    alternate(variants, rounds, run)
+    for v in variants:
+        after = v.stats()
+        v.rerank_batch = batch_size_mean(before[v.name][0], after[0])
+        v.text_batch = batch_size_mean(before[v.name][1], after[1])
+
+
+def ab_reranker_load(variants: list[Variant], requests: list[RerankRequest], rounds: int, per_round: int) -> None:
+    """The Reranker deployments alone, concurrency 16, in alternating rounds."""
+    before = {v.name: v.stats()[0] for v in variants}
+
+    def run(variant: Variant) -> None:
+        variant.reranker_seconds += reranker_load(variant.settings.serve.reranker_app_name, requests, 16, per_round)
+        variant.reranker_calls += per_round
+
+    alternate(variants, rounds, run)
+    for v in variants:
+        v.reranker_alone_batch = batch_size_mean(before[v.name], v.stats()[0])
 
 
 # ============================================================================ report
@@ -358,6 +435,9 @@ class Results:
     rr_batch: float
     rr_qps_b1: float
     rr_batch_b1: float
+    forward_batch: int  # requests per batch in the in-process forward comparison
+    forward_single_s: float  # scoring them one call each
+    forward_batched_s: float  # scoring them in one call
     default_rerank_batch: int
     version: str
     collection: str
@@ -433,6 +513,8 @@ def write_markdown(path: Path, png_name: str, args: argparse.Namespace, settings
         "",
         f"Generated by `{common.command_line()}` (see `benchmarks/serve.py`). Re-run it to refresh this page.",
         "",
+        *(["**Quick mode** (`--quick`): a smoke test. With the tiny model the compute takes a few milliseconds, so "
+           "fixed per-request costs dominate every ratio; use the default run for numbers.", ""] if args.quick else []),
         "## What is measured",
         f"- An embedded-store index of {args.n:,} videos written straight to the store: `video` [{r.dim}] and "
         f"`frames` [{FRAMES_PER_VIDEO}, {r.dim}] random unit vectors with realistic payloads (no decoding; search "
@@ -442,20 +524,23 @@ def write_markdown(path: Path, png_name: str, args: argparse.Namespace, settings
         f"top_k={args.top_k}, recall_k={args.recall_k}, re-ranking on; queries are captions from the synthetic "
         "generator.",
         f"- **gRPC end to end**: client-side wall time of `Search`, at concurrency 1 ({args.requests_c1} requests) "
-        f"and 16 ({args.requests_c16} requests per run, closed loop: 16 threads sharing one channel, after a "
-        "32-request ramp).",
+        f"and 16 ({args.requests_c16} requests per configuration, closed loop: 16 threads sharing one channel, "
+        "after a 16-request ramp).",
         "- **in-process compute** for the same queries, interleaved one-for-one with the concurrency-1 requests "
         "(so both see the same background load): `model.encode_text`, `store.query(..., recall_k, "
         "with_frames=True)` through the same store actor, and `scoring.score_requests` on the recalled candidates. "
         f"torch runs on {args.inproc_threads} thread(s), as many as a 1-CPU replica gets (Ray sets OMP_NUM_THREADS "
         "to a replica's CPUs).",
-        f"- **reranker batching**: the concurrency-16 run again after redeploying with `serve.rerank_batch_size=1` "
-        f"(default {r.default_rerank_batch}); and, to isolate the reranker, {args.requests_reranker} "
-        "closed-loop calls from 16 threads straight to the `Reranker` deployment through a DeploymentHandle with "
-        "pre-recalled candidates, in both configurations.",
+        "- **reranker batching**: a second ingress + reranker pair is deployed next to the first with "
+        f"`serve.rerank_batch_size=1` (default {r.default_rerank_batch}); the concurrency-16 requests go to the two "
+        f"pairs in {args.rounds} alternating rounds (ABBA...), so a change in background load hits both alike. To "
+        f"isolate the reranker, {args.requests_reranker} closed-loop calls per configuration from 16 threads go "
+        "straight to each `Reranker` deployment through a DeploymentHandle with pre-recalled candidates, "
+        "alternating the same way.",
         f"- **Fast and Slow** (in-process, {args.slow_queries} queries, p50): `score_requests` on the recalled top "
-        f"{args.recall_k} vs the same cross-encoder over all {args.n:,} videos ({args.slow_chunk} candidates per "
-        "forward; the query's token features computed once).",
+        f"{args.recall_k} (timed 3 times right before and 3 times right after each slow run) vs the same "
+        f"cross-encoder over all {args.n:,} videos ({args.slow_chunk} candidates per forward; the query's token "
+        "features computed once).",
         f"- `serve.default_deadline_s` is {serve_cfg.default_deadline_s:g} s (product default 10 s) so that answers "
         "at concurrency 16 are re-ranked rather than cut to recall-only by the rerank deadline; the re-ranked "
         "column shows the share that was.",
@@ -469,7 +554,7 @@ def write_markdown(path: Path, png_name: str, args: argparse.Namespace, settings
                                f"{serve_cfg.rerank_batch_size}, batch_wait_s={serve_cfg.batch_wait_s}, "
                                f"rerank_deadline_fraction={serve_cfg.rerank_deadline_fraction}"),
             ("deploy + first re-ranked answer", f"{r.deploy_s:.1f} s"),
-            ("Ray logical CPUs", settings.ray.num_cpus),
+            ("Ray logical CPUs", f"{settings.ray.num_cpus} (two pairs of 1-CPU replicas; one pair works at a time)"),
         ]),
         "",
         "## Machine",
@@ -498,6 +583,8 @@ def write_markdown(path: Path, png_name: str, args: argparse.Namespace, settings
              common.verdict(r.overhead <= OVERHEAD_TARGET)),
             ("QPS at c=16, gRPC end to end, batching on / off", f"{c16.qps / c16_b1.qps:.2f}", "-", "n/a"),
             ("QPS at c=16, Reranker alone, batching on / off", f"{r.rr_qps / r.rr_qps_b1:.2f}", "-", "n/a"),
+            (f"rerank forward in-process, {r.forward_batch} requests: one by one / batched",
+             f"{r.forward_single_s / r.forward_batched_s:.2f}", "-", "n/a"),
             (f"Fast and Slow: score all {args.n:,} / re-rank top {args.recall_k}",
              f"{r.slow_s / r.fast_s:.0f}x", "-", "n/a"),
             (f"Fast and Slow, whole query: (text + score all {args.n:,}) / p50(text + recall + re-rank top "
@@ -543,17 +630,24 @@ def analysis(args: argparse.Namespace, settings: Settings, facts: dict[str, Any]
         f"(p50 {r.inproc_ms('rerank_s'):.0f} ms for one query on one thread) is the stage that saturates; requests "
         "queue in front of it.",
         f"- **Reranker batching, end to end.** Mean rerank batch at concurrency 16: {r.batch_c16:.2f} "
-        f"(rerank_batch_size={r.default_rerank_batch}) vs {r.batch_c16_b1:.2f} (=1), QPS {c16.qps:.2f} vs "
-        f"{c16_b1.qps:.2f}. Ray Serve's `@serve.batch` (2.60) closes a batch `batch_wait_timeout_s` "
-        f"({wait_ms:.0f} ms) after its first request, whether or not the previous batch is still computing; "
-        "finished batches then queue for the handler one by one. Requests reach the reranker staggered (each "
-        "passes the single embedded-store actor for recall one after another), so gaps between arrivals are "
-        f"longer than {wait_ms:.0f} ms and most batches hold one request.",
+        f"(rerank_batch_size={r.default_rerank_batch}) vs {r.batch_c16_b1:.2f} (=1); QPS {c16.qps:.2f} vs "
+        f"{c16_b1.qps:.2f} ({c16.qps / c16_b1.qps:.2f}x)"
+        + (". With batches of about one request both configurations ran the same way, so that QPS difference is "
+           "run-to-run noise, not batching" if r.batch_c16 < 1.2 else "")
+        + f". Why batches stay small: Ray Serve's `@serve.batch` (2.60) closes a batch `batch_wait_timeout_s` "
+        f"({wait_ms:.0f} ms) after its first request, whether or not the previous batch is still computing, and "
+        "closed batches then queue for the handler one by one; requests that arrive while a batch computes do "
+        "not join one big next batch. Requests reach the reranker staggered (each passes the single "
+        f"embedded-store actor for recall one after another), more than {wait_ms:.0f} ms apart, so most batches "
+        "hold one request.",
         f"- **Reranker batching, isolated.** Calling the Reranker deployment directly with 16 concurrent "
         f"callers, batches average {r.rr_batch:.1f} requests and QPS is {r.rr_qps:.2f} vs {r.rr_qps_b1:.2f} "
-        f"unbatched ({r.rr_qps / r.rr_qps_b1:.2f}x). On a CPU the cross-encoder is compute-bound at any batch size, "
-        "so a batch of B costs about B single requests and batching saves only per-call overheads; on a GPU a "
-        "batch fills the device and the gain is larger.",
+        f"unbatched ({r.rr_qps / r.rr_qps_b1:.2f}x). The forward alone, in-process: {r.forward_batch} requests took "
+        f"{r.forward_single_s * 1000:.0f} ms as {r.forward_batch} `score_requests` calls and "
+        f"{r.forward_batched_s * 1000:.0f} ms as one ({r.forward_single_s / r.forward_batched_s:.2f}x). On one CPU "
+        "thread the cross-encoder is compute-bound whatever the batch, so batching has nothing to amortise here "
+        "and bigger forwards can even cost more per pair; on a GPU a batch fills the device, which is where "
+        "batching should pay (not measured: no GPU).",
         f"- **Fast and Slow.** Re-ranking the recalled {args.recall_k} is {r.slow_s / r.fast_s:.0f}x cheaper than "
         f"running the cross-encoder over all {args.n:,} videos (the candidate counts differ "
         f"{args.n / args.recall_k:.0f}x; both sides also pay one text encode). A whole fast-then-slow query is "
@@ -582,6 +676,9 @@ def print_results(args: argparse.Namespace, r: Results) -> None:
           f"{verdict}")
     print(f"QPS c=16 batching on/off: gRPC {r.c16.qps:.2f}/{r.c16_b1.qps:.2f} = {r.c16.qps / r.c16_b1.qps:.2f}; "
           f"Reranker alone {r.rr_qps:.2f}/{r.rr_qps_b1:.2f} = {r.rr_qps / r.rr_qps_b1:.2f}")
+    print(f"rerank forward in-process, {r.forward_batch} requests: one by one {r.forward_single_s * 1000:.0f} ms, "
+          f"batched {r.forward_batched_s * 1000:.0f} ms -> batching gain "
+          f"{r.forward_single_s / r.forward_batched_s:.2f}x")
     print(f"Fast and Slow: re-rank top {args.recall_k} {r.fast_s * 1000:.1f} ms vs score all {args.n} "
           f"{r.slow_s * 1000:.0f} ms -> {r.slow_s / r.fast_s:.0f}x")
 
@@ -596,9 +693,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="small run (tiny model, fewer requests); results go to .bench/results unless --out-dir")
     parser.add_argument("--requests-c1", type=int, default=None, help="requests at concurrency 1 (default 60)")
     parser.add_argument("--requests-c16", type=int, default=None,
-                        help="requests per gRPC concurrency-16 run (default 96)")
+                        help="gRPC requests at concurrency 16, per configuration (default 96; --quick: 64)")
     parser.add_argument("--requests-reranker", type=int, default=None,
-                        help="calls per Reranker-alone run (default 64)")
+                        help="calls to the Reranker alone, per configuration (default 64)")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="alternating rounds the concurrency-16 requests are split into (default 2)")
     parser.add_argument("--slow-queries", type=int, default=None, help="queries scored against all N (default 2)")
     parser.add_argument("--slow-chunk", type=int, default=500,
                         help="candidates per cross-encoder forward when scoring all N (default 500)")
@@ -609,7 +708,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--inproc-threads", type=int, default=1,
                         help="torch threads for the in-process compute (default 1: what a 1-CPU replica gets)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-cpus", type=int, default=None, help="Ray logical CPUs (default: max(cores, 2))")
+    parser.add_argument("--num-cpus", type=int, default=None, help="Ray logical CPUs (default: max(cores, 4))")
     parser.add_argument("--out-dir", type=Path, default=None, help="where serve.md / serve.png go")
     args = parser.parse_args(argv)
     quick = args.quick
@@ -617,9 +716,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.preset = args.preset or ("tiny" if quick else "vit-b-32")
     args.requests_c1 = args.requests_c1 or (20 if quick else 60)
     args.requests_c16 = args.requests_c16 or (64 if quick else 96)
-    args.requests_reranker = args.requests_reranker or (64 if quick else 64)
+    args.requests_reranker = args.requests_reranker or 64
     args.slow_queries = args.slow_queries or 2
-    args.num_cpus = args.num_cpus or max(os.cpu_count() or 1, 2)
+    # Two ingress + reranker pairs of 1-CPU replicas live side by side (only one pair works
+    # at a time), so Ray needs 4 logical CPUs even on a 2-core machine.
+    args.num_cpus = args.num_cpus or max(os.cpu_count() or 1, 4)
     args.out_dir = args.out_dir or (common.CACHE_DIR / "results" if quick else common.DOCS_DIR)
     if not 1 <= args.top_k <= args.recall_k <= args.n:
         parser.error("need 1 <= --top-k <= --recall-k <= --n")
@@ -660,23 +761,35 @@ def main(argv: list[str] | None = None) -> int:
                                default_recall_k=args.recall_k, default_top_k=args.top_k,
                                default_deadline_s=args.deadline_s),
     })
+    # The same stack with reranker batching off, deployed side by side under other app names,
+    # so that batched and unbatched runs can alternate instead of following each other.
+    unbatched = settings.model_copy(update={"serve": settings.serve.model_copy(update={
+        "rerank_batch_size": 1, "app_name": f"vidsearch-bench-b1-{suffix}",
+        "reranker_app_name": f"vidsearch-bench-reranker-b1-{suffix}"})})
     captions = [spec.captions[0] for spec in plan_dataset(max(200, args.requests_c1), args.seed, 24)]
     queries = list(dict.fromkeys(captions))  # distinct, in order
 
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    client: SearchClient | None = None
+    variants: list[Variant] = []
     try:
         print(f"index: {args.n} videos ...", flush=True)
         store, collection, frames, build_s = open_index(settings, model, version, args.n, args.seed, captions)
         print("    " + (f"written in {build_s:.1f}s" if build_s is not None else "reused from cache"), flush=True)
 
-        print("deploying Serve (ingress + reranker) ...", flush=True)
+        print("deploying Serve: ingress + reranker, and the same pair with rerank_batch_size=1 ...", flush=True)
         started = time.perf_counter()
         deploy(settings, http_port=common.free_port())
-        client = SearchClient(settings.serve.grpc_port, settings.serve.app_name, args.top_k, args.recall_k)
-        warm = warm_up(client, queries)
+        variants.append(Variant("batched", settings, SearchClient(
+            settings.serve.grpc_port, settings.serve.app_name, args.top_k, args.recall_k)))
+        warm = warm_up(variants[0].client, queries)
         deploy_s = time.perf_counter() - started
         print(f"    up and re-ranking after {deploy_s:.1f}s ({warm} warm-up requests)", flush=True)
+        deploy(unbatched, http_port=common.free_port())
+        variants.append(Variant("unbatched", unbatched, SearchClient(
+            settings.serve.grpc_port, unbatched.serve.app_name, args.top_k, args.recall_k)))
+        warm_up(variants[1].client, queries)
+        batched_variant, unbatched_variant = variants
+        client = batched_variant.client
 
         # Same thread count as a replica, so in-process and served compute are comparable.
         torch.set_num_threads(args.inproc_threads)
@@ -700,45 +813,44 @@ def main(argv: list[str] | None = None) -> int:
         print(f"    gRPC p50 {c1.latency_ms(50):.1f} ms, in-process p50 {inproc_p50 * 1000:.1f} ms, "
               f"ratio {c1.latency_ms(50) / 1000 / inproc_p50:.2f}", flush=True)
 
-        print(f"gRPC concurrency 16, {args.requests_c16} requests, rerank batching on ...", flush=True)
-        run_load(client, queries, 16, 32)  # ramp: every thread busy before the clock starts
-        c16, batch_c16, text_c16 = measured_load(client, settings, queries, 16, args.requests_c16)
-        print(f"    QPS {c16.qps:.2f}, p50 {c16.latency_ms(50):.1f} ms, p99 {c16.latency_ms(99):.1f} ms, "
-              f"re-ranked {c16.reranked_fraction:.0%}, mean rerank batch {batch_c16:.2f}", flush=True)
+        per_round = max(16, args.requests_c16 // args.rounds)
+        print(f"gRPC concurrency 16, batched / unbatched alternating, {args.rounds} rounds of {per_round} requests "
+              "each ...", flush=True)
+        for variant in variants:  # ramp: every thread busy once before the clock starts
+            run_load(variant.client, queries, 16, 16)
+        ab_search_load(variants, queries, args.rounds, per_round)
+        for v in variants:
+            print(f"    {v.name}: QPS {v.load.qps:.2f}, p50 {v.load.latency_ms(50):.1f} ms, "
+                  f"p99 {v.load.latency_ms(99):.1f} ms, re-ranked {v.load.reranked_fraction:.0%}, "
+                  f"mean rerank batch {v.rerank_batch:.2f}", flush=True)
 
         rerank_inputs = recalled_requests(model, store, collection, version, queries[:16], args.recall_k)
-        print(f"Reranker alone, concurrency 16, {args.requests_reranker} calls, batching on ...", flush=True)
-        reranker_load(settings.serve.reranker_app_name, rerank_inputs, 16, 16)  # ramp
-        rr_qps, rr_batch = reranker_load(settings.serve.reranker_app_name, rerank_inputs, 16, args.requests_reranker)
-        print(f"    QPS {rr_qps:.2f}, mean batch {rr_batch:.2f}", flush=True)
+        rr_round = max(16, args.requests_reranker // args.rounds)
+        print(f"Reranker alone, concurrency 16, alternating, {args.rounds} rounds of {rr_round} calls ...", flush=True)
+        ab_reranker_load(variants, rerank_inputs, args.rounds, rr_round)
+        for v in variants:
+            print(f"    {v.name}: QPS {v.reranker_qps:.2f}, mean batch {v.reranker_alone_batch:.2f}", flush=True)
 
         print(f"Fast and Slow, in-process ({args.slow_queries} queries) ...", flush=True)
         fast, slow = [], []
-        for query in queries[:args.slow_queries]:
-            fast.append(in_process(model, store, collection, version, query, args.recall_k).rerank_s)
-            slow.append(score_everything(model, query, frames, args.slow_chunk))
+        slow_inputs = recalled_requests(model, store, collection, version, queries[:args.slow_queries], args.recall_k)
+        for request in slow_inputs:
+            # The slow run takes long enough for the background load to change; timing the fast
+            # path right before and right after it keeps the two comparable.
+            fast += [time_rerank(model, request) for _ in range(3)]
+            slow.append(score_everything(model, request.text, frames, args.slow_chunk))
+            fast += [time_rerank(model, request) for _ in range(3)]
         fast_s, slow_s = common.percentile(fast, 50), common.percentile(slow, 50)
         print(f"    top {args.recall_k}: {fast_s * 1000:.1f} ms, all {args.n}: {slow_s * 1000:.0f} ms, "
               f"{slow_s / fast_s:.0f}x", flush=True)
 
-        print("redeploying with rerank_batch_size=1 ...", flush=True)
-        default_batch = settings.serve.rerank_batch_size
-        unbatched = settings.model_copy(update={"serve": settings.serve.model_copy(update={"rerank_batch_size": 1})})
-        deploy(unbatched, http_port=common.free_port())
-        warm_up(client, queries)
-        print(f"gRPC concurrency 16, {args.requests_c16} requests, rerank_batch_size=1 ...", flush=True)
-        run_load(client, queries, 16, 32)
-        c16_b1, batch_c16_b1, text_c16_b1 = measured_load(client, unbatched, queries, 16, args.requests_c16)
-        print(f"    QPS {c16_b1.qps:.2f}, p50 {c16_b1.latency_ms(50):.1f} ms, p99 {c16_b1.latency_ms(99):.1f} ms, "
-              f"re-ranked {c16_b1.reranked_fraction:.0%}, mean rerank batch {batch_c16_b1:.2f}", flush=True)
-        print(f"Reranker alone, concurrency 16, {args.requests_reranker} calls, rerank_batch_size=1 ...", flush=True)
-        reranker_load(unbatched.serve.reranker_app_name, rerank_inputs, 16, 16)
-        rr_qps_b1, rr_batch_b1 = reranker_load(unbatched.serve.reranker_app_name, rerank_inputs, 16,
-                                               args.requests_reranker)
-        print(f"    QPS {rr_qps_b1:.2f}, mean batch {rr_batch_b1:.2f}", flush=True)
+        forward_batch = 4
+        print(f"rerank forward in-process: {forward_batch} requests one by one vs batched ...", flush=True)
+        forward_single_s, forward_batched_s = batched_forward(model, rerank_inputs[:forward_batch], reps=3)
+        print(f"    one by one {forward_single_s * 1000:.0f} ms, batched {forward_batched_s * 1000:.0f} ms", flush=True)
     finally:
-        if client is not None:
-            client.close()
+        for variant in variants:
+            variant.client.close()
         try:
             serve.shutdown()
             shutdown_embedded_store(settings)
@@ -747,11 +859,15 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(run_dir, ignore_errors=True)
     load1, load5, _ = os.getloadavg()
 
-    results = Results(c1=c1, c16=c16, c16_b1=c16_b1, inproc=inproc, fast_s=fast_s, slow_s=slow_s,
-                      batch_c1=batch_c1, batch_c16=batch_c16, batch_c16_b1=batch_c16_b1, text_batch_c16=text_c16,
-                      text_batch_c16_b1=text_c16_b1, rr_qps=rr_qps, rr_batch=rr_batch, rr_qps_b1=rr_qps_b1,
-                      rr_batch_b1=rr_batch_b1, default_rerank_batch=default_batch, version=version,
-                      collection=collection, dim=int(model.embed_dim), build_s=build_s, deploy_s=deploy_s)
+    results = Results(c1=c1, c16=batched_variant.load, c16_b1=unbatched_variant.load, inproc=inproc, fast_s=fast_s,
+                      slow_s=slow_s, batch_c1=batch_c1, batch_c16=batched_variant.rerank_batch,
+                      batch_c16_b1=unbatched_variant.rerank_batch, text_batch_c16=batched_variant.text_batch,
+                      text_batch_c16_b1=unbatched_variant.text_batch, rr_qps=batched_variant.reranker_qps,
+                      rr_batch=batched_variant.reranker_alone_batch, rr_qps_b1=unbatched_variant.reranker_qps,
+                      rr_batch_b1=unbatched_variant.reranker_alone_batch, forward_batch=forward_batch,
+                      forward_single_s=forward_single_s, forward_batched_s=forward_batched_s,
+                      default_rerank_batch=settings.serve.rerank_batch_size, version=version, collection=collection,
+                      dim=int(model.embed_dim), build_s=build_s, deploy_s=deploy_s)
     print_results(args, results)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     png = args.out_dir / "serve.png"
