@@ -71,7 +71,9 @@ class Reranker:
     async def _score_batch(self, requests: list[RerankRequest]) -> list[RerankResult | Exception]:
         self._batch_sizes[len(requests)] += 1
         # torch runs in a worker thread so the replica's event loop keeps accepting
-        # requests (which then form the next batch) while this one computes.
+        # requests while this batch computes. Serve 2.60 closes a batch batch_wait_s
+        # after its first request even while the previous one computes, so requests
+        # that arrive spread out still get batches of one (docs/benchmarks/serve.md).
         return await asyncio.to_thread(self._score_all, requests)
 
     def _score_all(self, requests: list[RerankRequest]) -> list[RerankResult | Exception]:
