@@ -38,7 +38,6 @@ import common
 
 common.isolate_environment()
 
-import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
@@ -51,7 +50,7 @@ from vidsearch.services.reranker.scoring import RerankRequest, score_requests  #
 from vidsearch.store import VectorStore, VideoPoint, build_payload, open_store, shutdown_embedded_store  # noqa: E402
 from vidsearch.store_schema import collection_name  # noqa: E402
 from vidsearch.synth_scenes import plan_dataset  # noqa: E402
-from vidsearch.v1 import search_pb2, search_pb2_grpc  # noqa: E402
+from vidsearch.services.query.client import ClientError, SearchClient, build_request  # noqa: E402
 
 OVERHEAD_TARGET = 1.3
 FRAMES_PER_VIDEO = 12
@@ -148,17 +147,20 @@ class LoadResult:
         return sum(r.reranked for r in self.records) / max(1, len(self.records))
 
 
-class SearchClient:
-    def __init__(self, port: int, app: str, top_k: int, recall_k: int) -> None:
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        self.stub = search_pb2_grpc.SearchServiceStub(self.channel)
-        self.metadata = [("application", app)]
+class TimedSearch:
+    """The product's gRPC client (vidsearch.services.query.client) with the benchmark's
+    fixed request shape, timing each call from the client's side."""
+
+    def __init__(self, port: int, app: str, top_k: int, recall_k: int, deadline_s: float) -> None:
+        # The client states its deadline to the server (vidsearch-deadline-ms), so it is
+        # the request deadline the rerank budget is cut from.
+        self.client = SearchClient(f"127.0.0.1:{port}", app, timeout_s=deadline_s)
         self.top_k, self.recall_k = top_k, recall_k
 
     def search(self, query: str) -> RequestRecord:
-        request = search_pb2.SearchRequest(query=query, top_k=self.top_k, recall_k=self.recall_k, rerank=True)
+        request = build_request(query, top_k=self.top_k, recall_k=self.recall_k, rerank=True)
         started = time.perf_counter()
-        response = self.stub.Search(request, metadata=self.metadata, timeout=RPC_TIMEOUT_S)
+        response = self.client.search(request)
         latency = time.perf_counter() - started
         if len(response.results) != self.top_k:
             raise RuntimeError(f"expected {self.top_k} results, got {len(response.results)}")
@@ -166,10 +168,10 @@ class SearchClient:
         return RequestRecord(latency, response.reranked, t.encode_ms, t.recall_ms, t.rerank_ms, t.total_ms)
 
     def close(self) -> None:
-        self.channel.close()
+        self.client.close()
 
 
-def run_load(client: SearchClient, queries: list[str], concurrency: int, total: int) -> LoadResult:
+def run_load(client: TimedSearch, queries: list[str], concurrency: int, total: int) -> LoadResult:
     """``total`` requests from ``concurrency`` threads sharing one channel, each sending
     its next request as soon as the previous answer arrives (closed loop)."""
     lock = threading.Lock()
@@ -184,7 +186,7 @@ def run_load(client: SearchClient, queries: list[str], concurrency: int, total: 
                 return
             try:
                 record = client.search(queries[i % len(queries)])
-            except (grpc.RpcError, RuntimeError) as exc:
+            except (ClientError, RuntimeError) as exc:
                 with lock:
                     result.errors.append(str(exc)[:300])
                 continue
@@ -201,7 +203,7 @@ def run_load(client: SearchClient, queries: list[str], concurrency: int, total: 
     return result
 
 
-def warm_up(client: SearchClient, queries: list[str], timeout_s: float = 600.0) -> int:
+def warm_up(client: TimedSearch, queries: list[str], timeout_s: float = 600.0) -> int:
     """Send searches until they come back re-ranked (the reranker loads its model on the
     first request) and a few more after that; returns how many were sent."""
     deadline = time.monotonic() + timeout_s
@@ -213,8 +215,8 @@ def warm_up(client: SearchClient, queries: list[str], timeout_s: float = 600.0) 
         try:
             record = client.search(queries[sent % len(queries)])
             reranked += record.reranked
-        except grpc.RpcError as exc:
-            last_error = f"{exc.code().name}: {exc.details()}"
+        except ClientError as exc:
+            last_error = str(exc)
             time.sleep(1.0)
         sent += 1
     return sent
@@ -355,7 +357,7 @@ class Variant:
 
     name: str
     settings: Settings
-    client: SearchClient
+    client: TimedSearch
     load: LoadResult = field(default_factory=lambda: LoadResult(16, 0.0))
     reranker_calls: int = 0
     reranker_seconds: float = 0.0
@@ -704,7 +706,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--recall-k", type=int, default=50)
     parser.add_argument("--deadline-s", type=float, default=60.0,
-                        help="serve.default_deadline_s (default 60, so that loaded runs stay re-ranked)")
+                        help="request deadline: serve.default_deadline_s and the client's stated "
+                             "deadline (default 60, so that loaded runs stay re-ranked)")
     parser.add_argument("--inproc-threads", type=int, default=1,
                         help="torch threads for the in-process compute (default 1: what a 1-CPU replica gets)")
     parser.add_argument("--seed", type=int, default=0)
@@ -727,7 +730,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def timed_search(client: SearchClient, query: str, into: LoadResult) -> None:
+def timed_search(client: TimedSearch, query: str, into: LoadResult) -> None:
     started = time.perf_counter()
     into.records.append(client.search(query))
     into.seconds += time.perf_counter() - started
@@ -779,14 +782,14 @@ def main(argv: list[str] | None = None) -> int:
         print("deploying Serve: ingress + reranker, and the same pair with rerank_batch_size=1 ...", flush=True)
         started = time.perf_counter()
         deploy(settings, http_port=common.free_port())
-        variants.append(Variant("batched", settings, SearchClient(
-            settings.serve.grpc_port, settings.serve.app_name, args.top_k, args.recall_k)))
+        variants.append(Variant("batched", settings, TimedSearch(
+            settings.serve.grpc_port, settings.serve.app_name, args.top_k, args.recall_k, args.deadline_s)))
         warm = warm_up(variants[0].client, queries)
         deploy_s = time.perf_counter() - started
         print(f"    up and re-ranking after {deploy_s:.1f}s ({warm} warm-up requests)", flush=True)
         deploy(unbatched, http_port=common.free_port())
-        variants.append(Variant("unbatched", unbatched, SearchClient(
-            settings.serve.grpc_port, unbatched.serve.app_name, args.top_k, args.recall_k)))
+        variants.append(Variant("unbatched", unbatched, TimedSearch(
+            settings.serve.grpc_port, unbatched.serve.app_name, args.top_k, args.recall_k, args.deadline_s)))
         warm_up(variants[1].client, queries)
         batched_variant, unbatched_variant = variants
         client = batched_variant.client
