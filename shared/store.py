@@ -64,6 +64,10 @@ RAY_NAMESPACE = "vidsearch"
 MAX_QUERY_LIMIT = 10_000
 # HTTP statuses worth retrying: the server is overloaded, restarting or timed out.
 _TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+# Opening an embedded store loads every point into memory (12 s for 5,000 ViT-B/32
+# videos on 2 cores), so the first call waits this long for the actor to open, and
+# store.timeout_s applies to each call after that.
+EMBEDDED_OPEN_TIMEOUT_S = 600.0
 
 
 class StoreError(RuntimeError):
@@ -420,6 +424,7 @@ class _ActorBackend:
         self.settings = settings
         self.name = embedded_actor_name(path)
         self._handle: Any = None
+        self._opened = False
 
     def _actor(self) -> Any:
         if self._handle is None:
@@ -433,7 +438,22 @@ class _ActorBackend:
                 num_cpus=0,  # bookkeeping only: never take a CPU slot from decode tasks
                 max_restarts=0, scheduling_strategy=here,
             ).remote(self.path, self.settings)
+            self._opened = False
+        if not self._opened:
+            self._wait_open()
         return self._handle
+
+    def _wait_open(self) -> None:
+        import ray
+        from ray.exceptions import GetTimeoutError
+
+        try:
+            # Raises RayActorError when opening failed (e.g. the directory is locked).
+            ray.get(self._handle.__ray_ready__.remote(), timeout=EMBEDDED_OPEN_TIMEOUT_S)
+        except GetTimeoutError:
+            raise StoreUnavailable(f"embedded store {self.path} did not open within "
+                                   f"{EMBEDDED_OPEN_TIMEOUT_S:g}s") from None
+        self._opened = True
 
     def call(self, op: str, *args: Any, **kwargs: Any) -> Any:
         import ray

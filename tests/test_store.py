@@ -470,6 +470,19 @@ def test_killed_actor_is_store_unavailable_then_recovers(ray_local, tmp_path):
         shutdown_embedded_store(settings)
 
 
+def test_first_call_waits_for_the_store_to_open_then_calls_are_timed(ray_local, tmp_path):
+    """Opening takes longer than a call may (a new actor process, loading the points):
+    the first call waits for the open, and store.timeout_s bounds each call after it."""
+    settings = _settings(tmp_path / "q", timeout_s=0.3)
+    store = open_store(settings)
+    try:
+        name = collection_name("slowopen")
+        store.ensure_collection(name, DIM, FRAME_DIM)
+        assert store.count(name) == 0
+    finally:
+        shutdown_embedded_store(settings)
+
+
 def test_shutdown_releases_the_file_lock(ray_local, tmp_path):
     from qdrant_client import QdrantClient
 
