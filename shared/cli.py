@@ -24,6 +24,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "search": ("vidsearch.services.query.search_cli", "search the running service and print the results"),
     "up": ("vidsearch.services.stack.up_cli", "run the whole stack on this machine (broker, store, Ray, worker, Serve)"),
     "demo": ("vidsearch.services.stack.demo_cli", "synthetic videos -> local stack -> Kafka ingest -> example searches"),
+    "train": ("vidsearch.services.trainer.train_cli", "train, distil, evaluate, gate and publish a model version"),
+    "models": ("vidsearch.services.trainer.models_cli", "list and show model versions; roll production back"),
+    "reindex": ("vidsearch.services.trainer.reindex_cli", "build a version's index and flip the live alias to it"),
 }
 
 EXIT_USAGE = 2

@@ -58,6 +58,10 @@ class StoreSettings(_Section):
     alias: str = Field("videos", description='alias that names the live collection')
     upsert_batch: int = Field(64, ge=1, description='points per upsert request')
     timeout_s: float = Field(30.0, gt=0, description='per-request timeout against the store')
+    keep_collections: int = Field(2, ge=2, description="index collections (videos__<version>) kept after a re-index; "
+                                  "older ones are dropped, never the live one or its rollback target")
+    reindex_grace_s: float = Field(10.0, ge=0, description="after a re-index flips the alias, how long it keeps copying "
+                                   "late writes to the old collection (> serve.alias_poll_s + one store write)")
     # Filterable fields and their types. System payload fields (video_id, duration_s,
     # ingested_at ...) keep their name; any other name is a metadata field, stored at
     # payload path metadata.<name>. A payload index is created on each.
@@ -101,6 +105,7 @@ class ModelSettings(_Section):
     pretrained: str | None = Field(None, description="open_clip pretrained tag or local checkpoint path")
     registry_root: str = Field("./data/registry", description='model registry: local path or fsspec URL (s3://, gs://)')
     model_name: str = Field("vidsearch", description='model name inside the registry')
+    use_shipped: bool = Field(True, description="the local stack installs the trained model in deploy/models when the registry has no production version")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
 
 

@@ -460,3 +460,20 @@ class ModelRegistry:
             raise RegistryError(f"{model_name}/{manifest.version} has no file {filename!r} "
                                 f"(files: {', '.join(sorted(manifest.files))})")
         return self._read_verified(model_name, manifest, filename)
+
+    def import_version(self, source: "ModelRegistry", model_name: str, ref: str = "production") -> str:
+        """Copy one version from ``source`` byte for byte (same version id), checksums verified
+        first and the manifest written last, as in ``publish``. Returns the version id; a
+        version already here is left as it is. No alias changes."""
+        manifest = source.get_manifest(model_name, ref)
+        if self._has_manifest(model_name, manifest.version):
+            return manifest.version
+        blobs = {name: source._read_verified(model_name, manifest, name) for name in manifest.files}
+        version_dir = f"{self._model_dir(model_name)}/{manifest.version}"
+        self._fs.makedirs(version_dir, exist_ok=True)
+        for name, data in blobs.items():
+            self._fs.pipe_file(f"{version_dir}/{name}", data)
+        self._write_atomic(f"{version_dir}/{MANIFEST_FILE}",
+                           json.dumps(manifest.to_dict(), indent=2, sort_keys=True).encode())
+        return manifest.version
+

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 DEFAULT_DATA_DIR = ".demo"
 # Random-init ViT-B/32 (the real serving architecture; no weights can be downloaded)
 # encodes 12 frames in ~1.3 s on a laptop CPU, so 24 videos ingest in well under a minute.
-DEFAULT_PRESET = "vit-b-32"
+DEFAULT_PRESET = None  # None = the shipped trained model (deploy/models)
 DEFAULT_N = 24
 SEED = 0
 TOP_K = 5
@@ -50,7 +50,7 @@ class DemoError(RuntimeError):
 class DemoOptions:
     data_dir: Path
     n: int = DEFAULT_N
-    preset: str = DEFAULT_PRESET
+    preset: str | None = DEFAULT_PRESET
     once: bool = False
     timeout_s: float = 900.0
 
@@ -62,10 +62,16 @@ def demo_settings(settings: Settings, options: DemoOptions) -> Settings:
     which is the demo's own option.
     """
     data = options.data_dir
-    model = settings.model.model_copy(update={
-        "preset": options.preset,
-        **({} if "registry_root" in settings.model.model_fields_set else {"registry_root": str(data / "registry")}),
-    })
+    if options.preset is None:
+        # The shipped trained model, installed into the demo's registry by the stack.
+        update: dict = {"registry_root": str(data / "registry")}
+    else:
+        # An explicit preset means its deterministic base model: a registry of its own,
+        # so a production version installed by an earlier run does not win.
+        update = {"preset": options.preset, "use_shipped": False, "registry_root": str(data / "registry-base")}
+    if "registry_root" in settings.model.model_fields_set:
+        update.pop("registry_root")
+    model = settings.model.model_copy(update=update)
     store = settings.store
     if store.url is None:
         store = store.model_copy(update={"path": str(data / "store")})
@@ -150,7 +156,8 @@ def run_demo(settings: Settings, options: DemoOptions, say: Callable[[str], None
     records = load_manifest(manifest)
     if settings.store.url is None:
         reset_embedded_store(Path(settings.store.path))
-    say(f"==> starting the local stack (model preset {options.preset!r}; worker log {data / 'ingest-worker.log'})")
+    which = f"base model of preset {options.preset!r}" if options.preset else "the shipped trained model"
+    say(f"==> starting the local stack ({which}; worker log {data / 'ingest-worker.log'})")
     started = time.monotonic()
     with LocalStack(settings, worker_log=data / "ingest-worker.log", log_to_driver=False) as stack:
         s = stack.settings

@@ -20,7 +20,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--once", action="store_true", help="exit after the example searches")
     parser.add_argument("--n", type=int, default=DEFAULT_N, help=f"number of synthetic videos (default {DEFAULT_N})")
     parser.add_argument("--preset", default=DEFAULT_PRESET,
-                        help=f"model preset (default {DEFAULT_PRESET}; 'tiny' is much faster and meaningless)")
+                        help="use this preset's untrained base model instead of the shipped trained model "
+                             "('tiny' is fast and meaningless)")
     parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
                         help=f"videos, store and registry go here (default {DEFAULT_DATA_DIR})")
     parser.add_argument("--timeout", type=float, default=900.0,
@@ -38,7 +39,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.timeout <= 0:
         raise CommandError("--timeout must be > 0", exit_code=2)
     try:
-        load_model_config(args.preset)
+        if args.preset is not None:
+            load_model_config(args.preset)
     except (ValueError, OSError) as exc:
         raise CommandError(f"--preset {args.preset!r}: {exc}", exit_code=2) from None
     # kafka-python logs every connection at INFO; the demo's output is meant to be read.

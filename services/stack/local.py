@@ -136,6 +136,7 @@ class LocalStack:
         self._start_broker()
         self._start_ray()
         self._start_store()
+        self._install_shipped_model()
         if self._want_worker:
             self._start_worker()
         if self._want_serve:
@@ -208,6 +209,16 @@ class LocalStack:
                              "(an embedded store is locked while another process uses it)")
         log_event(log, "vector store up", mode="server" if self.settings.store.url else "embedded",
                   location=self.settings.store.url or str(Path(self.settings.store.path).resolve()))
+
+    def _install_shipped_model(self) -> None:
+        from vidsearch.models.shipped import install_shipped_model
+        from vidsearch.registry import RegistryError
+
+        try:
+            version = install_shipped_model(self.settings)
+        except RegistryError as exc:
+            raise StackError(str(exc)) from None
+        log_event(log, "serving model", production=version or "none (deterministic base model)")
 
     def child_env(self) -> dict[str, str]:
         """Environment for child processes: every endpoint this stack resolved."""

@@ -68,16 +68,22 @@ class HeadConfig:
     meanP has no parameters; seqLSTM/seqTransf use ``layers`` (and seqTransf ``heads``)
     for the temporal model; afa runs a seqTransf-style temporal encoder first when
     ``layers`` > 0 (TeachCLIP's student), then attentional frame aggregation.
-    ``max_frames`` bounds the frame position embeddings.
+    ``max_frames`` bounds the frame position embeddings. ``temperature`` is AFA's
+    aggregation temperature: it pools with softmax(w / temperature) and reports (and
+    is distilled through) softmax(w), as TeachCLIP does with 0.1; 1.0 uses one softmax.
     """
 
     kind: str = "meanP"
     layers: int = 4
     heads: int = 8
     max_frames: int = 64
+    temperature: float = 1.0
 
     def __post_init__(self) -> None:
         _require_kind("head.kind", self.kind, HEAD_KINDS)
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
+                or not 0 < self.temperature <= 10:
+            raise ValueError(f"head.temperature: must be a number in (0, 10] (got {self.temperature!r})")
         _require_int("head.layers", self.layers, 1 if self.kind in ("seqLSTM", "seqTransf") else 0)
         _require_int("head.heads", self.heads, 1)
         _require_int("head.max_frames", self.max_frames, 1)
@@ -89,7 +95,9 @@ class ScorerConfig:
 
     ``cross``: CLIP4Clip's tight cross-encoder (``layers``, ``heads``, ``width``;
     width ``None`` = the CLIP embedding width). ``xclip``: X-CLIP multi-grained
-    similarity (no transformer; ``layers``/``heads``/``width`` unused).
+    similarity after a temporal transformer over the frames (``layers``, ``heads``;
+    it runs at the CLIP embedding width, so ``heads`` must divide it and ``width`` is
+    unused). ``max_frames`` bounds the frame position embeddings of either.
     """
 
     kind: str = "cross"

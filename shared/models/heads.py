@@ -74,13 +74,16 @@ class AFAHead(nn.Module):
     """TeachCLIP attentional frame aggregation.
 
     Optionally a temporal transformer first (``layers`` > 0, TeachCLIP's student),
-    then text-agnostic per-frame weights from a small MLP, a softmax over valid
-    frames, and the weighted sum of the frames, normalised. The MLP's last layer is
+    then text-agnostic per-frame logits w from a small MLP; the video is the sum of
+    the frames weighted by softmax(w / temperature) over valid frames, normalised,
+    and the returned weights are softmax(w) (what FgT distils and the best-moment
+    fallback reads; same argmax). The MLP's last layer is
     zero-initialised: untrained weights are uniform, i.e. the head starts as meanP.
     """
 
-    def __init__(self, dim: int, layers: int, heads: int, max_frames: int) -> None:
+    def __init__(self, dim: int, layers: int, heads: int, max_frames: int, temperature: float = 1.0) -> None:
         super().__init__()
+        self.temperature = float(temperature)
         self.temporal = TemporalTransformer(dim, layers, heads, max_frames) if layers > 0 else None
         self.weight_mlp = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, 1))
         nn.init.zeros_(self.weight_mlp[2].weight)
@@ -91,8 +94,10 @@ class AFAHead(nn.Module):
         if self.temporal is not None:
             x = self.temporal(x, mask)
         x = zero_padding(F.normalize(x, dim=-1), mask)
-        weights = masked_softmax(self.weight_mlp(x).squeeze(-1), mask)
-        video = (weights.unsqueeze(-1) * x.float()).sum(dim=1)
+        logits = self.weight_mlp(x).squeeze(-1).float()
+        weights = masked_softmax(logits, mask)
+        pooling = weights if self.temperature == 1.0 else masked_softmax(logits / self.temperature, mask)
+        video = (pooling.unsqueeze(-1) * x.float()).sum(dim=1)
         return F.normalize(video, dim=-1), weights
 
 
@@ -106,5 +111,5 @@ def build_head(config: HeadConfig, embed_dim: int) -> nn.Module:
     if config.kind == "seqTransf":
         return SeqTransfHead(embed_dim, config.layers, config.heads, config.max_frames)
     if config.kind == "afa":
-        return AFAHead(embed_dim, config.layers, config.heads, config.max_frames)
+        return AFAHead(embed_dim, config.layers, config.heads, config.max_frames, config.temperature)
     raise ValueError(f"head.kind: unknown kind {config.kind!r}")

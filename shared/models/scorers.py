@@ -9,12 +9,28 @@ Frame relevance is, for both, a probability distribution over the valid frames
 as the target of the student's AFA weights, and its argmax is the "best moment".
 
 Both start out as the plain CLIP similarity: learned parts are residuals whose last
-layer is zero-initialised (cross) or identity projections (xclip), so an untrained
-scorer re-ranks with meaningful scores instead of noise, and training refines it.
+layer is zero-initialised (the cross-encoder's heads, X-CLIP's temporal transformer)
+or identity projections (X-CLIP's word/frame projections), so an untrained scorer
+re-ranks with meaningful scores instead of noise, and training refines it. X-CLIP's
+temporal transformer (with frame position embeddings) is what lets it see frame
+order; the untrained one is exactly the identity, so it starts order-agnostic.
+
+Precision: similarities, the temperature-scaled relevance logits and the final
+linears always run in fp32, also under the caller's bf16 autocast. Cosines of
+normalised vectors are multiplied by temperatures up to 100, and bf16 keeps ~3
+significant digits, so bf16 similarities would reorder close candidates and move
+the best frame. Only the cross-encoder's joint transformer (the expensive part,
+which enters the outputs through the zero-initialised heads) follows the caller's
+autocast.
+
+Temperatures are learned log-scales, exponentiated without a clamp so they always
+get a gradient (open_clip's recipe); a training loop calls ``clamp_temperatures_()``
+on the scorer after every optimizer step to keep them in CLIP's range [1, 100].
 """
 from __future__ import annotations
 
 import math
+from typing import ContextManager
 
 import torch
 import torch.nn.functional as F
@@ -22,14 +38,30 @@ from torch import nn
 
 from .config import ScorerConfig
 from .masking import masked_mean, masked_softmax, positions, zero_padding
-from .temporal import check_heads
+from .temporal import TemporalTransformer, check_heads
 from .text import TextFeatures
 
-_INIT_LOGIT_SCALE = math.log(100.0)  # CLIP's trained temperature, 1 / 0.01
+# CLIP's bound on its learned temperature: logit scale at most 100 (temperature 0.01).
+MAX_LOGIT_SCALE = math.log(100.0)
+# Start at CLIP's trained temperature. This is exactly the bound, which is harmless:
+# the bound is enforced by clamp_temperatures_() between steps, never inside the
+# graph, so the gradient at the bound is the true one.
+_INIT_LOGIT_SCALE = MAX_LOGIT_SCALE
+
+
+def _full_precision(x: torch.Tensor) -> ContextManager:
+    """Switch off the caller's autocast for the block: the maths inside runs in the
+    dtype of its inputs, which the scorers cast to fp32."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
 
 
 def _prepare_frames(frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return zero_padding(F.normalize(zero_padding(frames, mask), dim=-1), mask)
+    return zero_padding(F.normalize(zero_padding(frames.float(), mask), dim=-1), mask)
+
+
+def _check_frame_count(mask: torch.Tensor, max_frames: int) -> None:
+    if int(mask.sum(dim=1).max()) > max_frames:
+        raise ValueError(f"more valid frames than the scorer's max_frames={max_frames}")
 
 
 class CrossEncoderScorer(nn.Module):
@@ -65,20 +97,27 @@ class CrossEncoderScorer(nn.Module):
             nn.init.zeros_(head.bias)
         self.logit_scale = nn.Parameter(torch.tensor(_INIT_LOGIT_SCALE))
 
+    @torch.no_grad()
+    def clamp_temperatures_(self) -> None:
+        """Clamp the learned log-scale to [0, log 100] in place; call after each optimizer step."""
+        self.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
+
     def forward(self, text: TextFeatures, frames: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch, length = text.mask.shape
         num_frames = frames.shape[1]
         if length > self.max_text:
             raise ValueError(f"{length} text tokens exceed the scorer's limit of {self.max_text}")
-        if int(mask.sum(dim=1).max()) > self.max_frames:
-            raise ValueError(f"more valid frames than the scorer's max_frames={self.max_frames}")
-        f = _prepare_frames(frames, mask)
-        sentence = text.sentence.to(f.dtype)
-        video = F.normalize(masked_mean(f, mask), dim=-1)
-        base_score = (video * sentence).sum(dim=-1)
-        frame_sentence = torch.einsum("btd,bd->bt", f, sentence)
+        _check_frame_count(mask, self.max_frames)
+        with _full_precision(frames):
+            f = _prepare_frames(frames, mask)
+            sentence = text.sentence.float()
+            video = F.normalize(masked_mean(f, mask), dim=-1)
+            base_score = (video * sentence).sum(dim=-1)
+            frame_sentence = torch.einsum("btd,bd->bt", f, sentence)
 
-        words = zero_padding(text.tokens.to(f.dtype), text.mask)
+        # The joint encoder is the expensive part and only feeds the zero-initialised
+        # heads, so it follows the caller's autocast.
+        words = zero_padding(text.tokens.float(), text.mask)
         t = self.text_proj(words) + self.type_embedding.weight[0] + self.text_position.weight[:length]
         v = self.frame_proj(f) + self.type_embedding.weight[1] + self.frame_position(positions(mask))
         cls = self.cls.to(t.dtype).expand(batch, 1, -1)
@@ -86,11 +125,12 @@ class CrossEncoderScorer(nn.Module):
         valid = torch.cat([mask.new_ones(batch, 1), text.mask, mask], dim=1)
         h = self.encoder(sequence, src_key_padding_mask=~valid)
 
-        score = base_score.float() + self.score_head(h[:, 0]).squeeze(-1).float()
-        frame_out = h[:, 1 + length:1 + length + num_frames]
-        logits = self.logit_scale.exp().clamp(max=100.0) * frame_sentence.float() \
-            + self.relevance_head(frame_out).squeeze(-1).float()
-        return score, masked_softmax(logits, mask)
+        with _full_precision(frames):
+            h = h.float()
+            score = base_score + self.score_head(h[:, 0]).squeeze(-1)
+            frame_out = h[:, 1 + length:1 + length + num_frames]
+            logits = self.logit_scale.exp() * frame_sentence + self.relevance_head(frame_out).squeeze(-1)
+            return score, masked_softmax(logits, mask)
 
 
 def _attend(sims: torch.Tensor, mask: torch.Tensor, scale: torch.Tensor, dim: int) -> torch.Tensor:
@@ -105,10 +145,21 @@ class XClipScorer(nn.Module):
     frame-sentence and frame-word similarities, each fine-grained one reduced with
     softmax attention over its similarity matrix (frame-word in both directions).
     Frame relevance = softmax over valid frames of the frame-sentence similarities.
+
+    As in published X-CLIP, the frames first go through a temporal transformer with
+    frame position embeddings and a residual (``TemporalTransformer``, whose output
+    projection is zero-initialised), so frame features, and with them the score,
+    depend on frame order once it is trained.
+
+    The whole forward runs in fp32: here the temporal transformer's output *is* the
+    frame feature every similarity is taken of, so it cannot be left in bf16, and it
+    is small (T tokens of width D per pair).
     """
 
-    def __init__(self, embed_dim: int) -> None:
+    def __init__(self, embed_dim: int, layers: int, heads: int, max_frames: int) -> None:
         super().__init__()
+        self.max_frames = max_frames
+        self.temporal = TemporalTransformer(embed_dim, layers, heads, max_frames)
         self.word_proj = nn.Linear(embed_dim, embed_dim)
         self.frame_proj = nn.Linear(embed_dim, embed_dim)
         for proj in (self.word_proj, self.frame_proj):
@@ -117,29 +168,36 @@ class XClipScorer(nn.Module):
         # temperatures for: video-word, frame-sentence, frame-word (per frame), frame-word (per word)
         self.logit_scales = nn.Parameter(torch.full((4,), _INIT_LOGIT_SCALE))
 
+    @torch.no_grad()
+    def clamp_temperatures_(self) -> None:
+        """Clamp the learned log-scales to [0, log 100] in place; call after each optimizer step."""
+        self.logit_scales.clamp_(0.0, MAX_LOGIT_SCALE)
+
     def forward(self, text: TextFeatures, frames: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        f = _prepare_frames(frames, mask)
-        f = zero_padding(F.normalize(self.frame_proj(f), dim=-1), mask)
-        words = zero_padding(text.tokens.to(f.dtype), text.mask)
-        w = zero_padding(F.normalize(self.word_proj(words), dim=-1), text.mask)
-        s = text.sentence.to(f.dtype)
-        v = F.normalize(masked_mean(f, mask), dim=-1)
-        scales = self.logit_scales.exp().clamp(max=100.0)
-        word_mask, frame_mask = text.mask, mask
+        _check_frame_count(mask, self.max_frames)
+        with _full_precision(frames):
+            f = self.temporal(_prepare_frames(frames, mask), mask)
+            f = zero_padding(F.normalize(self.frame_proj(f), dim=-1), mask)
+            words = zero_padding(text.tokens.float(), text.mask)
+            w = zero_padding(F.normalize(self.word_proj(words), dim=-1), text.mask)
+            s = text.sentence.float()
+            v = F.normalize(masked_mean(f, mask), dim=-1)
+            scales = self.logit_scales.exp()
+            word_mask, frame_mask = text.mask, mask
 
-        video_sentence = (v * s).sum(dim=-1).float()
-        video_word = _attend(torch.einsum("bd,bld->bl", v, w), word_mask, scales[0], dim=1)
-        frame_sentence_sims = torch.einsum("btd,bd->bt", f, s)
-        frame_sentence = _attend(frame_sentence_sims, frame_mask, scales[1], dim=1)
-        matrix = torch.einsum("btd,bld->btl", f, w)
-        per_frame = _attend(matrix, word_mask[:, None, :], scales[2], dim=2)
-        per_word = _attend(matrix, frame_mask[:, :, None], scales[3], dim=1)
-        frame_word = 0.5 * (_attend(per_frame, frame_mask, scales[2], dim=1)
-                            + _attend(per_word, word_mask, scales[3], dim=1))
+            video_sentence = (v * s).sum(dim=-1)
+            video_word = _attend(torch.einsum("bd,bld->bl", v, w), word_mask, scales[0], dim=1)
+            frame_sentence_sims = torch.einsum("btd,bd->bt", f, s)
+            frame_sentence = _attend(frame_sentence_sims, frame_mask, scales[1], dim=1)
+            matrix = torch.einsum("btd,bld->btl", f, w)
+            per_frame = _attend(matrix, word_mask[:, None, :], scales[2], dim=2)
+            per_word = _attend(matrix, frame_mask[:, :, None], scales[3], dim=1)
+            frame_word = 0.5 * (_attend(per_frame, frame_mask, scales[2], dim=1)
+                                + _attend(per_word, word_mask, scales[3], dim=1))
 
-        score = (video_sentence + video_word + frame_sentence + frame_word) / 4.0
-        relevance = masked_softmax(scales[1] * frame_sentence_sims.float(), frame_mask)
-        return score, relevance
+            score = (video_sentence + video_word + frame_sentence + frame_word) / 4.0
+            relevance = masked_softmax(scales[1] * frame_sentence_sims, frame_mask)
+            return score, relevance
 
 
 def build_scorer(config: ScorerConfig, embed_dim: int, max_text: int) -> nn.Module:
@@ -148,5 +206,6 @@ def build_scorer(config: ScorerConfig, embed_dim: int, max_text: int) -> nn.Modu
         check_heads("scorer.heads", width, config.heads)
         return CrossEncoderScorer(embed_dim, width, config.layers, config.heads, max_text, config.max_frames)
     if config.kind == "xclip":
-        return XClipScorer(embed_dim)
+        check_heads("scorer.heads", embed_dim, config.heads)
+        return XClipScorer(embed_dim, config.layers, config.heads, config.max_frames)
     raise ValueError(f"scorer.kind: unknown kind {config.kind!r}")

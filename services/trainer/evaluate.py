@@ -1,0 +1,113 @@
+"""Text->video quality of a trained model on one split: every caption against every video.
+
+Rows reported (R@1/5/10 in percent, MdR, MnR):
+- ``student``: dual-encoder recall (text tower + head), what the ANN index ranks by;
+- ``teacher``: the slow scorer over the whole corpus (the slow model's ceiling);
+- ``rerank@K``: student top-K re-ordered by the serving fusion (beta·rerank + (1-beta)·recall,
+  per-query min-max) — exactly what a gRPC Search returns; the rest keep recall order;
+plus twin accuracy: how often a caption's own video outscores its reversed or
+attribute-swapped twin.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from vidsearch.models import VideoTextModel
+from vidsearch.retrieval_metrics import retrieval_metrics
+
+from .stages import CaptionBank, text_batches
+
+
+@dataclass
+class EvalSet:
+    """Frozen clean frame features of one split and its captions and twins."""
+
+    video_ids: list[str]
+    frames: torch.Tensor  # [N,T,D]
+    mask: torch.Tensor
+    bank: CaptionBank
+    twins: list[list[tuple[int, str]]]  # per video: (twin index, relation)
+
+    def queries(self) -> tuple[list[str], np.ndarray]:
+        texts = [c for caps in self.bank.captions for c in caps]
+        owners = np.repeat(np.arange(len(self.bank.captions)), [len(c) for c in self.bank.captions])
+        return texts, owners.astype(np.int64)
+
+
+def _fuse_rows(recall: np.ndarray, rerank: np.ndarray, beta: float) -> np.ndarray:
+    """Per-row min-max fusion, the vectorised form of services.query.fusion.fuse."""
+    def minmax(x: np.ndarray) -> np.ndarray:
+        low, high = x.min(axis=1, keepdims=True), x.max(axis=1, keepdims=True)
+        span = np.where(high - low > 0, high - low, 1.0)
+        return np.where(high - low > 0, (x - low) / span, 1.0)
+    return beta * minmax(rerank) + (1.0 - beta) * minmax(recall)
+
+
+def rerank_similarity(student: np.ndarray, teacher: np.ndarray, k: int, beta: float) -> np.ndarray:
+    """A similarity matrix whose ranking is: fused top-k first, then the rest by recall."""
+    k = min(k, student.shape[1])
+    top = np.argsort(-student, axis=1, kind="stable")[:, :k]
+    recall = np.take_along_axis(student, top, axis=1)
+    rerank = np.take_along_axis(teacher, top, axis=1)
+    fused = _fuse_rows(recall, rerank, beta)
+    out = student - student.max() - 10.0  # below every fused score
+    np.put_along_axis(out, top, 10.0 + fused, axis=1)
+    return out
+
+
+@torch.no_grad()
+def student_matrix(model: VideoTextModel, data: EvalSet, texts: list[str]) -> np.ndarray:
+    video = torch.cat([model.aggregate(data.frames[i:i + 256].to(model.device), data.mask[i:i + 256].to(model.device))
+                       for i in range(0, data.frames.shape[0], 256)])
+    return (text_batches(model, texts) @ video.T).cpu().numpy()
+
+
+@torch.no_grad()
+def teacher_matrix(model: VideoTextModel, data: EvalSet, texts: list[str], chunk: int = 64) -> np.ndarray:
+    rows = []
+    frames, mask = data.frames.to(model.device), data.mask.to(model.device)
+    for start in range(0, len(texts), chunk):
+        scores, _ = model.score_matrix(texts[start:start + chunk], frames, mask, pair_chunk=4096)
+        rows.append(scores.cpu().numpy())
+    return np.concatenate(rows)
+
+
+def twin_accuracy(sim: np.ndarray, owners: np.ndarray, twins: Sequence[Sequence[tuple[int, str]]]) -> dict[str, float]:
+    """Share of (caption, twin) pairs where the caption's own video scores higher, per relation kind."""
+    wins: dict[str, list[bool]] = {}
+    for row, owner in enumerate(owners):
+        for twin, relation in twins[owner]:
+            kind = "reversed" if relation == "reversed" else ("swap" if relation.startswith("swap") else None)
+            if kind is not None:
+                wins.setdefault(kind, []).append(bool(sim[row, owner] > sim[row, twin]))
+    return {f"twin_{k}": 100.0 * float(np.mean(v)) for k, v in sorted(wins.items())}
+
+
+def evaluate_model(model: VideoTextModel, data: EvalSet, *, rerank_k: Sequence[int], beta: float,
+                   teacher: bool = True) -> dict[str, dict[str, float]]:
+    """{row: {metric: value}} for the student, the teacher and each re-rank depth."""
+    was_training = model.training
+    model.eval()
+    try:
+        texts, owners = data.queries()
+        student = student_matrix(model, data, texts)
+        out = {"student": {**retrieval_metrics(student, owners), **twin_accuracy(student, owners, data.twins)}}
+        if teacher:
+            slow = teacher_matrix(model, data, texts)
+            out["teacher"] = {**retrieval_metrics(slow, owners), **twin_accuracy(slow, owners, data.twins)}
+            for k in rerank_k:
+                fused = rerank_similarity(student, slow, k, beta)
+                out[f"rerank@{k}"] = {**retrieval_metrics(fused, owners), **twin_accuracy(fused, owners, data.twins)}
+        return out
+    finally:
+        model.train(was_training)
+
+
+def flatten_metrics(split: str, rows: dict[str, dict[str, float]], prefix: str = "") -> dict[str, float]:
+    """{"val.student.R@1": ...}: the names the gate and the manifest use."""
+    return {f"{split}.{prefix}{row}.{metric}": float(value) for row, metrics in rows.items()
+            for metric, value in metrics.items()}

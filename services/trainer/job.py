@@ -1,0 +1,175 @@
+"""The driver side of ``vidsearch train``: data, caches, Ray Train, report.
+
+1. validate the dataset (every URI against the decode allowlist, every caption)
+   before anything is decoded, and fail with one line;
+2. decode each split once into the frame caches (``<run_dir>/cache``);
+3. run :func:`worker.train_loop` on a ``TorchTrainer`` with the configured
+   workers (one CPU worker, the local Ray, or ``RAY_ADDRESS`` unchanged);
+4. read back the final weights and metrics and write ``report.md``.
+
+Gating, publishing and re-indexing follow in :mod:`publish`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vidsearch.config import Settings
+from vidsearch.telemetry import log_event
+
+from .config import RunConfig
+from .datasets import DatasetSource, TrainingVideo, data_hash, load_dataset, split_videos, trusting_dataset_root
+from .errors import TrainingError
+from .frames import build_cache
+from .worker import FINAL_DIR, train_loop
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    config: RunConfig
+    model_config: dict[str, Any]
+    weights: Path
+    frame_encoder: str
+    metrics: dict[str, float]
+    logs: dict[str, Any]
+    data_hash: str
+    parent_frame_encoder: str
+
+
+def _model_config(cfg: RunConfig, settings: Settings) -> tuple[Any, Any, Path | None, str | None]:
+    """(ModelConfig, a built model for its input size, init weights file, init version)."""
+    from safetensors.torch import save_file
+
+    from vidsearch.models import build_model, load_model_config
+    from vidsearch.models.persist import load_model_version
+    from vidsearch.registry import ModelRegistry, RegistryError
+
+    if cfg.model.init_from:
+        registry = ModelRegistry(cfg.publish.registry or settings.model.registry_root)
+        name = cfg.publish.model_name or settings.model.model_name
+        try:
+            model, manifest = load_model_version(registry, name, cfg.model.init_from, device="cpu")
+        except (RegistryError, ValueError) as exc:
+            raise TrainingError(f"model.init_from {cfg.model.init_from!r}: {exc}") from None
+        init = Path(cfg.run_dir) / "init.safetensors"
+        save_file({k: v.contiguous().clone() for k, v in model.state_dict().items()}, str(init))
+        return model.config, model, init, manifest.version
+    try:
+        config = load_model_config(cfg.model.preset)
+        if cfg.model.pretrained:
+            config = config.with_pretrained(cfg.model.pretrained)
+        model = build_model(config, device="cpu", seed=cfg.seed)
+    except (ValueError, OSError, RuntimeError) as exc:
+        raise TrainingError(f"model: {str(exc).splitlines()[0]}") from None
+    return config, model, None, None
+
+
+def _split_record(videos: list[TrainingVideo]) -> dict[str, Any]:
+    return {"video_ids": [v.video_id for v in videos], "captions": [list(v.captions) for v in videos],
+            "events": [list(v.events) for v in videos], "hard_negatives": [list(v.hard_negatives) for v in videos]}
+
+
+def prepare_data(cfg: RunConfig, settings: Settings, image_size: int, num_frames: int,
+                 progress: bool) -> tuple[dict[str, Any], str]:
+    source = DatasetSource(kind=cfg.data.kind, path=cfg.data.path, val_frac=cfg.data.val_frac,
+                           videos_dir=cfg.data.videos_dir)
+    decode = trusting_dataset_root(settings.decode, source)
+    videos = load_dataset(source, decode)
+    splits = {name: split_videos(videos, name) for name in ("train", "val", "test")}
+    if cfg.data.max_videos:
+        splits["train"] = splits["train"][:cfg.data.max_videos]
+    if len(splits["train"]) < 2:
+        raise TrainingError(f"the train split has {len(splits['train'])} video(s); contrastive training needs >= 2")
+    gate_split = cfg.publish.gate_metric.split(".", 1)[0]
+    if cfg.publish.enabled and gate_split in ("val", "test") and not splits[gate_split]:
+        raise TrainingError(f"publish.gate_metric {cfg.publish.gate_metric!r} needs a {gate_split} split, "
+                            f"and the dataset has none")
+    cache_dir = Path(cfg.run_dir) / "cache"
+    threads = max(1, min(8, os.cpu_count() or 1))
+    data: dict[str, Any] = {}
+    for name, members in splits.items():
+        if not members:
+            continue
+        record = _split_record(members)
+        if name == "train":
+            record["train_cache"] = str(build_cache(members, decode, frames=num_frames * cfg.data.train_frames_factor,
+                                                    size=image_size, cache_dir=cache_dir, label="train",
+                                                    threads=threads, progress=progress).path)
+        if name in cfg.evaluate.splits:
+            record["eval_cache"] = str(build_cache(members, decode, frames=num_frames, size=image_size,
+                                                   cache_dir=cache_dir, label=f"{name}-eval",
+                                                   threads=threads, progress=progress).path)
+        data[name] = record
+    return data, data_hash([v for m in splits.values() for v in m])
+
+
+def _ensure_ray(settings: Settings, cfg: RunConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = settings.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        cpus = settings.ray.num_cpus or max(os.cpu_count() or 1, cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 1)
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+
+
+def _run_trainer(cfg: RunConfig, loop_config: dict[str, Any]) -> None:
+    from ray.train import FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+        run_config=RayRunConfig(name="train", storage_path=str(Path(cfg.run_dir).resolve() / "ray"),
+                                failure_config=FailureConfig(max_failures=0)),
+    )
+    try:
+        trainer.fit()
+    except Exception as exc:  # Ray wraps the worker's exception; surface its own one line
+        cause: BaseException = exc
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        text = str(cause).strip().splitlines()
+        message = next((line for line in reversed(text) if "TrainingError" in line), text[-1] if text else repr(cause))
+        raise TrainingError(f"training failed: {message.split('TrainingError:', 1)[-1].strip()}") from exc
+
+
+def run_training(cfg: RunConfig, settings: Settings, *, progress: bool = True, log_level: str = "INFO") -> TrainResult:
+    """Everything up to (not including) publishing; resumes a run directory that has checkpoints."""
+    run_dir = Path(cfg.run_dir).resolve()
+    cfg = cfg.model_copy(update={"run_dir": str(run_dir)})
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "run.yaml").write_text(cfg.to_yaml())
+    model_config, model, init, init_version = _model_config(cfg, settings)
+    size = model.image_size if isinstance(model.image_size, int) else min(model.image_size)
+    data, digest = prepare_data(cfg, settings, size, model_config.num_frames, progress)
+    data_file = run_dir / "data.json"
+    data_file.write_text(json.dumps(data))
+    loop_config = {"run": cfg.to_dict(), "model_config": model_config.to_dict(), "seed": cfg.seed,
+                   "data_file": str(data_file), "beta": settings.serve.beta, "log_level": log_level,
+                   "init_weights": str(init) if init else None, "init_frame_encoder": model.frame_encoder_id}
+    log_event(log, "training started", run_dir=str(run_dir), workers=cfg.scaling.num_workers,
+              train=len(data["train"]["video_ids"]), val=len(data.get("val", {}).get("video_ids", [])),
+              test=len(data.get("test", {}).get("video_ids", [])))
+    _ensure_ray(settings, cfg)
+    _run_trainer(cfg, loop_config)
+    final = run_dir / FINAL_DIR
+    if not (final / "metrics.json").is_file():
+        raise TrainingError(f"training finished without writing {final / 'metrics.json'}")
+    result = json.loads((final / "metrics.json").read_text())
+    return TrainResult(run_dir=run_dir, config=cfg, model_config=model_config.to_dict(),
+                       weights=final / "model.safetensors", frame_encoder=result["frame_encoder"],
+                       metrics=result["metrics"], logs=json.loads((final / "logs.json").read_text()),
+                       data_hash=digest, parent_frame_encoder=model.frame_encoder_id)

@@ -1,0 +1,76 @@
+"""The training losses: InfoNCE (CLIP4Clip), TeachCLIP's CgT and FgT, and the moment loss.
+
+All take fp32 logits or probabilities; masks mark valid frames. Each is small
+enough to check against a hand computation (tests/test_trainer_losses.py).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_EPS = 1e-8
+
+
+def infonce_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE of a square [B,B] logit matrix whose diagonal holds the pairs."""
+    if logits.dim() != 2 or logits.shape[0] != logits.shape[1]:
+        raise ValueError(f"logits must be square [B,B], got {tuple(logits.shape)}")
+    target = torch.arange(logits.shape[0], device=logits.device)
+    logits = logits.float()
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+def symmetric_infonce(text: torch.Tensor, video: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """InfoNCE of L2-normalised text[B,D] and video[B,D]; ``logit_scale`` is log(1/temperature)."""
+    if text.shape != video.shape or text.dim() != 2:
+        raise ValueError(f"text {tuple(text.shape)} and video {tuple(video.shape)} must both be [B,D]")
+    return infonce_logits(logit_scale.exp() * (text.float() @ video.float().T))
+
+
+def _pearson_distance(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of 1 - Pearson correlation between rows of p and q."""
+    p = p - p.mean(dim=-1, keepdim=True)
+    q = q - q.mean(dim=-1, keepdim=True)
+    corr = (p * q).sum(-1) / (p.norm(dim=-1) * q.norm(dim=-1) + _EPS)
+    return (1.0 - corr).mean()
+
+
+def cgt_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """TeachCLIP coarse-grained teaching: Pearson distance between the softmax rows (text->video)
+    and the softmax columns (video->text) of the student's and the teacher's [B,B] logits.
+    The teacher is a target: no gradient flows into it."""
+    teacher = teacher.detach().float()
+    student = student.float()
+    rows = _pearson_distance(F.softmax(student / temperature, dim=1), F.softmax(teacher / temperature, dim=1))
+    cols = _pearson_distance(F.softmax(student.T / temperature, dim=1), F.softmax(teacher.T / temperature, dim=1))
+    return 0.5 * (rows + cols)
+
+
+def sharpen(relevance: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
+    """softmax(log(relevance) / temperature) over valid frames: the FgT target at a temperature
+    (1.0 keeps the teacher's own distribution)."""
+    logits = torch.log(relevance.float().clamp_min(_EPS)) / temperature
+    logits = logits.masked_fill(~mask, float("-inf"))
+    return F.softmax(logits, dim=-1).masked_fill(~mask, 0.0)
+
+
+def fgt_loss(student_weights: torch.Tensor, teacher_relevance: torch.Tensor, mask: torch.Tensor,
+             temperature: float = 1.0) -> torch.Tensor:
+    """TeachCLIP fine-grained teaching: cross-entropy from the teacher's frame-text relevance of the
+    matched pairs (soft labels over valid frames) to the student's AFA weights, both [B,T]."""
+    target = sharpen(teacher_relevance.detach(), mask, temperature)
+    log_weights = torch.log(student_weights.float().clamp_min(_EPS))
+    return -(target * log_weights).masked_fill(~mask, 0.0).sum(dim=-1).mean()
+
+
+def moment_loss(relevance: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+    """-log of the relevance mass on the frames inside the described event's window.
+
+    ``relevance[B,T]`` sums to 1 over valid frames; ``inside[B,T]`` marks the frames
+    in the window. Rows whose window holds no sampled frame are left out (0 if none remain).
+    """
+    rows = inside.any(dim=-1)
+    if not bool(rows.any()):
+        return relevance.sum() * 0.0
+    mass = (relevance.float() * inside).sum(dim=-1)[rows]
+    return -torch.log(mass.clamp_min(_EPS)).mean()

@@ -1,0 +1,220 @@
+"""The three training stages as loss functions over one shared model, plus the frozen
+frame features the later two train on.
+
+a. backbone: frame tower + head + text tower from augmented pixels (InfoNCE);
+b. teacher: the slow scorer on frozen frame features: InfoNCE over the batch (which
+   carries twins and mined negatives) plus the moment loss on event phrases, which
+   is what trains the scorer's relevance head;
+c. distill: the head (temporal transformer + AFA) with l_IN + alpha*l_CgT + gamma*l_FgT.
+   The text projection stays frozen: our teacher reads the same token features,
+   so moving it would move the teacher's inputs after the teacher was trained.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from vidsearch.models import VideoTextModel
+
+from .augment import make_pixels
+from .batches import BatchPlan, step_rng
+from .config import AugmentSection, BackboneStage, DistillStage, TeacherStage
+from .frames import FrameCache
+from .loss import cgt_loss, fgt_loss, infonce_logits, moment_loss, symmetric_infonce
+
+STAGE_IDS = {"backbone": 1, "teacher": 2, "distill": 3, "baseline": 4, "features": 5}
+
+
+@dataclass
+class CaptionBank:
+    """Every caption of every video of a split, and (synthetic data) each video's events."""
+
+    captions: list[list[str]]
+    events: list[list[dict]]
+
+    def counts(self) -> list[int]:
+        return [len(c) for c in self.captions]
+
+
+@dataclass
+class FrozenFeatures:
+    """Frame features from the trained frame tower: clean (ingest frames) and augmented views."""
+
+    frames: torch.Tensor  # [N,T,D]
+    mask: torch.Tensor  # [N,T]
+    times: torch.Tensor  # [N,T] seconds
+    views: torch.Tensor | None = None  # [V,N,T,D]
+    view_mask: torch.Tensor | None = None
+    view_times: torch.Tensor | None = None
+
+    def view(self, v: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if v is None or self.views is None:
+            return self.frames, self.mask, self.times
+        return self.views[v], self.view_mask[v], self.view_times[v]
+
+
+def _generator(seed: int, stage: str, step: int, rank: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(step_rng(seed, STAGE_IDS[stage], step, 100 + rank).integers(2**62)))
+
+
+def _normalisation(model: VideoTextModel) -> tuple[Sequence[float], Sequence[float]]:
+    return model._mean, model._std  # noqa: SLF001 - the model owns its preprocess constants
+
+
+@torch.no_grad()
+def encode_cache(model: VideoTextModel, cache: FrameCache, num_frames: int, augment: AugmentSection | None,
+                 seed: int, view: int, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Frame features [N,T,D] of a frame cache (augmented when ``augment`` is given)."""
+    model.eval()
+    mean, std = _normalisation(model)
+    feats, masks, times = [], [], []
+    for start in range(0, len(cache), batch_size):
+        stop = min(start + batch_size, len(cache))
+        gen = _generator(seed, "features", view * 100_000 + start, 0)
+        pixels, mask, picked = make_pixels(cache.frames[start:stop], cache.mask[start:stop], num_frames,
+                                           mean, std, augment, gen)
+        b, t = mask.shape
+        encoded = model.encode_frames(pixels.flatten(0, 1).to(model.device)).view(b, t, -1).cpu()
+        stamps = torch.zeros((b, t))
+        for row, index in enumerate(picked):
+            stamps[row, :len(index)] = torch.from_numpy(cache.timestamps[start + row, index])
+        feats.append(encoded * mask[..., None])
+        masks.append(mask)
+        times.append(stamps)
+    return torch.cat(feats), torch.cat(masks), torch.cat(times)
+
+
+def text_batches(model: VideoTextModel, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+    return torch.cat([model.encode_text(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)])
+
+
+@torch.no_grad()
+def mine_neighbours(model: VideoTextModel, features: FrozenFeatures, bank: CaptionBank, count: int) -> list[list[int]]:
+    """For each video, the ``count`` other videos its first caption recalls highest."""
+    if count <= 0:
+        return [[] for _ in bank.captions]
+    video = torch.cat([model.aggregate(features.frames[i:i + 256], features.mask[i:i + 256])
+                       for i in range(0, features.frames.shape[0], 256)])
+    text = text_batches(model, [c[0] for c in bank.captions])
+    sims = (text @ video.T).cpu()
+    sims.fill_diagonal_(float("-inf"))
+    return sims.topk(min(count, sims.shape[1] - 1), dim=1).indices.tolist()
+
+
+def _shard(index: np.ndarray, rank: int, world: int) -> np.ndarray:
+    return index[rank::world] if world > 1 else index
+
+
+def backbone_loss(model: VideoTextModel, cache: FrameCache, bank: CaptionBank, plan: BatchPlan,
+                  config: BackboneStage, augment: AugmentSection, seed: int, rank: int, world: int):
+    mean, std = _normalisation(model)
+    num_frames = model.config.num_frames
+    counts = bank.counts()
+
+    def loss_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        full = plan.indices(step)
+        choice = plan.captions(step, full, counts)
+        index = _shard(full, rank, world)
+        picks = _shard(choice, rank, world)
+        gen = _generator(seed, "backbone", step, rank)
+        order = np.argsort(index)  # sorted reads from the memory map
+        pixels, mask, _ = make_pixels(cache.frames[index[order]], cache.mask[index[order]], num_frames,
+                                      mean, std, augment, gen)
+        inverse = np.argsort(order)
+        pixels, mask = pixels[inverse], mask[inverse]
+        b, t = mask.shape
+        encoded = model.encode_frames(pixels.flatten(0, 1).to(model.device)).view(b, t, -1)
+        video = model.aggregate(encoded, mask)
+        text = model.encode_text([bank.captions[i][c] for i, c in zip(index, picks)])
+        loss = symmetric_infonce(text, video, model.clip.logit_scale)
+        return loss, {"in": float(loss.detach())}
+    return loss_fn
+
+
+def _batch_view(features: FrozenFeatures, plan_seed: int, stage: str, step: int, index: np.ndarray):
+    views = features.views.shape[0] if features.views is not None else 0
+    v = int(step_rng(plan_seed, STAGE_IDS[stage], step, 3).integers(views)) if views else None
+    frames, mask, times = features.view(v)
+    return frames[index], mask[index], times[index]
+
+
+def _event_targets(bank: CaptionBank, index: np.ndarray, times: torch.Tensor, rng: np.random.Generator):
+    """One event phrase per video that has events, and which sampled frames fall in its window."""
+    rows, phrases, inside = [], [], []
+    for row, video in enumerate(index):
+        events = bank.events[video]
+        if not events:
+            continue
+        event = events[int(rng.integers(len(events)))]
+        window = (times[row] >= float(event["start_s"]) - 1e-6) & (times[row] < float(event["end_s"]) - 1e-6)
+        rows.append(row)
+        phrases.append(str(event["phrase"]))
+        inside.append(window)
+    if not rows:
+        return None
+    return torch.as_tensor(rows), phrases, torch.stack(inside)
+
+
+def teacher_loss(model: VideoTextModel, features: FrozenFeatures, bank: CaptionBank, plan: BatchPlan,
+                 config: TeacherStage, seed: int, rank: int, world: int):
+    counts = bank.counts()
+
+    def loss_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        full = plan.indices(step)
+        choice = plan.captions(step, full, counts)
+        index, picks = _shard(full, rank, world), _shard(choice, rank, world)
+        frames, mask, times = _batch_view(features, seed, "teacher", step, index)
+        frames, mask = frames.to(model.device), mask.to(model.device)
+        with torch.no_grad():
+            text = model.encode_text_features([bank.captions[i][c] for i, c in zip(index, picks)])
+        scores, _ = model.score_matrix(text, frames, mask)
+        loss_in = infonce_logits(model.scorer.logit_scale.exp() * scores)
+        parts = {"in": float(loss_in.detach())}
+        loss = loss_in
+        targets = _event_targets(bank, index, times, step_rng(seed, STAGE_IDS["teacher"], step, 4 + rank))
+        if targets is not None and config.moment_weight > 0:
+            rows, phrases, inside = targets
+            with torch.no_grad():
+                phrase_text = model.encode_text_features(phrases)
+            _, relevance = model.score_pairs(phrase_text, frames[rows.to(frames.device)], mask[rows.to(mask.device)])
+            loss_moment = moment_loss(relevance, inside.to(relevance.device) & mask[rows.to(mask.device)])
+            loss = loss + config.moment_weight * loss_moment
+            parts["moment"] = float(loss_moment.detach())
+        return loss, parts
+    return loss_fn
+
+
+def distill_loss(model: VideoTextModel, teacher: VideoTextModel, features: FrozenFeatures, bank: CaptionBank,
+                 plan: BatchPlan, config: DistillStage, seed: int, rank: int, world: int, *, distil: bool = True):
+    """TeachCLIP's student objective; ``distil=False`` is the non-distilled baseline (IN only)."""
+    counts = bank.counts()
+    stage = "distill" if distil else "baseline"
+
+    def loss_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        full = plan.indices(step)
+        choice = plan.captions(step, full, counts)
+        index, picks = _shard(full, rank, world), _shard(choice, rank, world)
+        frames, mask, _ = _batch_view(features, seed, "distill", step, index)
+        frames, mask = frames.to(model.device), mask.to(model.device)
+        texts = [bank.captions[i][c] for i, c in zip(index, picks)]
+        with torch.no_grad():
+            text = model.encode_text(texts)
+        video, weights = model.aggregate_with_weights(frames, mask)
+        student = model.clip.logit_scale.exp().detach() * (text @ video.T)
+        loss_in = infonce_logits(student)
+        parts = {"in": float(loss_in.detach())}
+        loss = loss_in
+        if distil and (config.alpha > 0 or config.gamma > 0):
+            with torch.no_grad():
+                scores, relevance = teacher.score_matrix(teacher.encode_text_features(texts), frames, mask)
+                teacher_logits = teacher.scorer.logit_scale.exp() * scores
+                matched = relevance[torch.arange(len(texts)), torch.arange(len(texts))]
+            loss_cgt = cgt_loss(student, teacher_logits, config.cgt_temperature)
+            loss_fgt = fgt_loss(weights, matched, mask, config.fgt_teacher_temperature)
+            loss = loss + config.alpha * loss_cgt + config.gamma * loss_fgt
+            parts.update(cgt=float(loss_cgt.detach()), fgt=float(loss_fgt.detach()))
+        return loss, parts
+    return loss_fn

@@ -1,0 +1,213 @@
+"""The per-worker training loop that Ray Train's TorchTrainer runs: every stage, then evaluation.
+
+Each worker rebuilds the same model from the same seed, reads the frame caches the
+driver wrote (memory-mapped), and trains its shard of every global batch; rank 0
+writes checkpoints, the final weights and the metrics into the run directory.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import save_file
+
+from vidsearch.models import VideoTextModel, build_model
+from vidsearch.telemetry import configure_logging, log_event
+
+from .batches import BatchPlan, merge_neighbours, twin_neighbours
+from .config import RunConfig
+from .evaluate import EvalSet, evaluate_model, flatten_metrics
+from .frames import open_cache
+from .runner import StageContext, run_stage
+from .stages import (STAGE_IDS, CaptionBank, FrozenFeatures, backbone_loss, distill_loss, encode_cache,
+                     mine_neighbours, teacher_loss)
+
+log = logging.getLogger(__name__)
+
+FINAL_DIR = "final"
+MINED_NEGATIVES = 4
+
+
+def _set_trainable(model: VideoTextModel, *modules: torch.nn.Module) -> list[torch.nn.Parameter]:
+    for param in model.parameters():
+        param.requires_grad_(False)
+    params = []
+    for module in modules:
+        for param in module.parameters():
+            param.requires_grad_(True)
+            params.append(param)
+    return params
+
+
+def _clamp_temperatures(model: VideoTextModel) -> None:
+    with torch.no_grad():
+        model.clip.logit_scale.clamp_(0.0, torch.log(torch.tensor(100.0)).item())
+    model.scorer.clamp_temperatures_()
+
+
+def visual_weights_id(model: VideoTextModel) -> str:
+    """sha256 of the frame tower's weights: a trained frame tower is a new frame encoder."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.clip.visual.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().float().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _bank(split: dict[str, Any]) -> CaptionBank:
+    return CaptionBank(captions=[list(c) for c in split["captions"]], events=[list(e) for e in split["events"]])
+
+
+def _eval_set(model: VideoTextModel, split: dict[str, Any], seed: int) -> EvalSet:
+    cache = open_cache(split["eval_cache"])
+    frames, mask, _ = encode_cache(model, cache, model.config.num_frames, None, seed, 0)
+    index = {vid: i for i, vid in enumerate(split["video_ids"])}
+    twins = [[(index[n["video_id"]], n["relation"]) for n in negs if n["video_id"] in index]
+             for negs in split["hard_negatives"]]
+    return EvalSet(video_ids=split["video_ids"], frames=frames, mask=mask, bank=_bank(split), twins=twins)
+
+
+def _train_features(model: VideoTextModel, cfg: RunConfig, cache_dir: str) -> FrozenFeatures:
+    cache = open_cache(cache_dir)
+    num_frames = model.config.num_frames
+    clean = encode_cache(model, cache, num_frames, None, cfg.seed, 0)
+    views = [encode_cache(model, cache, num_frames, cfg.augment, cfg.seed, v + 1)
+             for v in range(cfg.augment.views)] if cfg.augment.enabled else [clean]
+    return FrozenFeatures(*clean, views=torch.stack([v[0] for v in views]),
+                          view_mask=torch.stack([v[1] for v in views]), view_times=torch.stack([v[2] for v in views]))
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """Ray Train entry point (``train_loop_per_worker``)."""
+    import ray.train
+
+    configure_logging(loop_config.get("log_level", "INFO"))
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    cfg = RunConfig.model_validate(loop_config["run"])
+    torch.set_num_threads(cfg.scaling.cpus_per_worker)
+    device = f"cuda:{context.get_local_rank()}" if cfg.scaling.use_gpu else "cpu"
+    run_dir = Path(cfg.run_dir)
+    data = json.loads(Path(loop_config["data_file"]).read_text())
+    model = _initial_model(loop_config, device)
+    frame_encoder = model.frame_encoder_id
+    ctx = StageContext(run_dir=run_dir, rank=rank, world=world, checkpoint_every=cfg.checkpoint_every,
+                       log_every=cfg.log_every, eval_every=cfg.eval_every)
+    train = data["train"]
+    bank = _bank(train)
+    twins = twin_neighbours(train["video_ids"], train["hard_negatives"])
+    logs: dict[str, Any] = {}
+    stages = cfg.stages
+
+    def after_step() -> None:
+        _clamp_temperatures(model)
+
+    val = data.get("val") if "eval_cache" in data.get("val", {}) else None
+
+    def val_r1(which: str, target: VideoTextModel | None = None, reencode: bool = False) -> Callable[[], float] | None:
+        """A val R@1 probe for the report's curves (frames re-encoded when the frame tower trains)."""
+        if val is None:
+            return None
+        cached: list[EvalSet] = []
+
+        def probe() -> float:
+            subject = target or model
+            if reencode or not cached:
+                cached[:] = [_eval_set(subject, val, cfg.seed)]
+            rows = evaluate_model(subject, cached[0], rerank_k=(), beta=0.0, teacher=which == "teacher")
+            return rows[which]["R@1"]
+        return probe
+
+    if stages.backbone.enabled:
+        params = _set_trainable(model, model.clip, model.head)
+        plan = BatchPlan(len(bank.captions), stages.backbone.batch_size, stages.backbone.hard_negatives,
+                         twins, cfg.seed, STAGE_IDS["backbone"])
+        loss = backbone_loss(model, open_cache(train["train_cache"]), bank, plan, stages.backbone, cfg.augment,
+                             cfg.seed, rank, world)
+        logs["backbone"] = run_stage("backbone", stages.backbone, model, params, loss, ctx, after_step=after_step,
+                                     evaluate=val_r1("student", reencode=True)).to_dict()
+        frame_encoder = f"{':'.join(model.frame_encoder_id.split(':')[:2])}:trained:{visual_weights_id(model)}"
+    _set_trainable(model)
+    model.eval()
+    features = _train_features(model, cfg, train["train_cache"])
+    mined = mine_neighbours(model, features, bank, MINED_NEGATIVES)
+    neighbours = merge_neighbours(twins, mined)
+
+    if stages.teacher.enabled:
+        params = _set_trainable(model, model.scorer)
+        plan = BatchPlan(len(bank.captions), stages.teacher.batch_size, stages.teacher.hard_negatives,
+                         neighbours, cfg.seed, STAGE_IDS["teacher"])
+        loss = teacher_loss(model, features, bank, plan, stages.teacher, cfg.seed, rank, world)
+        logs["teacher"] = run_stage("teacher", stages.teacher, model, params, loss, ctx, after_step=after_step,
+                                    evaluate=val_r1("teacher")).to_dict()
+
+    baseline: VideoTextModel | None = None
+    if stages.distill.enabled:
+        if stages.distill.baseline:
+            baseline = copy.deepcopy(model)
+        params = _set_trainable(model, model.head)
+        plan = BatchPlan(len(bank.captions), stages.distill.batch_size, stages.distill.hard_negatives,
+                         neighbours, cfg.seed, STAGE_IDS["distill"])
+        loss = distill_loss(model, model, features, bank, plan, stages.distill, cfg.seed, rank, world)
+        logs["distill"] = run_stage("distill", stages.distill, model, params, loss, ctx, after_step=after_step,
+                                    evaluate=val_r1("student")).to_dict()
+        if baseline is not None:
+            params = _set_trainable(baseline, baseline.head)
+            loss = distill_loss(baseline, baseline, features, bank, plan, stages.distill, cfg.seed, rank, world,
+                                distil=False)
+            logs["baseline"] = run_stage("baseline", stages.distill, baseline, params, loss, ctx,
+                                         evaluate=val_r1("student", target=baseline)).to_dict()
+    _set_trainable(model)
+
+    if rank == 0:
+        metrics = _evaluate(model, baseline, data, cfg, loop_config["beta"])
+        _write_final(run_dir, model, frame_encoder, metrics, logs)
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def _initial_model(loop_config: dict[str, Any], device: str) -> VideoTextModel:
+    from vidsearch.models import ModelConfig
+
+    init = loop_config.get("init_weights")
+    config = ModelConfig.from_dict(loop_config["model_config"])
+    model = build_model(config, device="cpu", seed=loop_config["seed"], load_weights=init is None)
+    if init is not None:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(init), strict=True)
+        model.frame_encoder_id = loop_config["init_frame_encoder"]
+    return model.to(device)
+
+
+def _evaluate(model: VideoTextModel, baseline: VideoTextModel | None, data: dict[str, Any], cfg: RunConfig,
+              beta: float) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    for split in cfg.evaluate.splits:
+        if split not in data or not data[split]["video_ids"]:
+            continue
+        eval_set = _eval_set(model, data[split], cfg.seed)
+        metrics.update(flatten_metrics(split, evaluate_model(model, eval_set, rerank_k=cfg.evaluate.rerank_k,
+                                                             beta=beta)))
+        if baseline is not None:
+            rows = evaluate_model(baseline, _eval_set(baseline, data[split], cfg.seed), rerank_k=(), beta=beta,
+                                  teacher=False)
+            metrics.update(flatten_metrics(split, rows, prefix="baseline_"))
+        log_event(log, "evaluated", split=split, **{k.split(".", 1)[1]: round(v, 2) for k, v in metrics.items()
+                                                     if k.startswith(split) and k.endswith("R@1")})
+    return metrics
+
+
+def _write_final(run_dir: Path, model: VideoTextModel, frame_encoder: str, metrics: dict[str, float],
+                 logs: dict[str, Any]) -> None:
+    final = run_dir / FINAL_DIR
+    final.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(tensors, str(final / "model.safetensors"))
+    (final / "logs.json").write_text(json.dumps(logs))
+    (final / "metrics.json").write_text(json.dumps({"frame_encoder": frame_encoder, "metrics": metrics}, indent=2))
