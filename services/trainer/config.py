@@ -61,22 +61,23 @@ class StageBase(_Section):
 class BackboneStage(StageBase):
     """Symmetric InfoNCE over frame tower + head + text tower, from pixels."""
 
-    lr: float = 2e-3
-    steps: int = 1200
+    # Re-declared fields repeat StageBase's constraints: a bare default would drop them.
+    lr: float = Field(2e-3, gt=0)
+    steps: int = Field(1200, ge=1)
 
 
 class TeacherStage(StageBase):
     """The slow scorer on frozen frame features: InfoNCE over in-batch + hard negatives, plus a moment loss."""
 
-    batch_size: int = 32
-    lr: float = 1e-3
+    batch_size: int = Field(32, ge=2)
+    lr: float = Field(1e-3, gt=0)
     moment_weight: float = Field(0.5, ge=0, description="weight of the event-window loss that trains relevance_head")
 
 
 class DistillStage(StageBase):
     """TeachCLIP: l_IN + alpha*l_CgT + gamma*l_FgT for the head and the text projection."""
 
-    lr: float = 5e-4
+    lr: float = Field(5e-4, gt=0)
     alpha: float = Field(1.0, ge=0, description="coarse-grained (CgT) weight")
     gamma: float = Field(1.0, ge=0, description="fine-grained (FgT) weight")
     # TeachCLIP distils softmax over the teacher's frame-text logits at temperature 1;

@@ -31,6 +31,7 @@ class EvalSet:
     mask: torch.Tensor
     bank: CaptionBank
     twins: list[list[tuple[int, str]]]  # per video: (twin index, relation)
+    times: torch.Tensor | None = None  # [N,T] frame timestamps (seconds), for moment accuracy
 
     def queries(self) -> tuple[list[str], np.ndarray]:
         texts = [c for caps in self.bank.captions for c in caps]
@@ -85,6 +86,39 @@ def twin_accuracy(sim: np.ndarray, owners: np.ndarray, twins: Sequence[Sequence[
             if kind is not None:
                 wins.setdefault(kind, []).append(bool(sim[row, owner] > sim[row, twin]))
     return {f"twin_{k}": 100.0 * float(np.mean(v)) for k, v in sorted(wins.items())}
+
+
+@torch.no_grad()
+def moment_accuracy(model: VideoTextModel, data: EvalSet) -> dict[str, float]:
+    """For every event phrase (synthetic data), is the best frame inside the event's window?
+
+    ``moment_rerank``: argmax of the scorer's frame relevance for the phrase (what a
+    re-ranked result reports); ``moment_recall``: argmax of the head's text-agnostic
+    frame weights (the recall-side fallback). Percent of phrases.
+    """
+    rows, phrases, windows = [], [], []
+    for video, events in enumerate(data.bank.events):
+        for event in events:
+            rows.append(video)
+            phrases.append(str(event["phrase"]))
+            windows.append((float(event["start_s"]), float(event["end_s"])))
+    if not rows or data.times is None:
+        return {}
+    times = data.times
+    index = torch.as_tensor(rows)
+    frames, mask = data.frames[index].to(model.device), data.mask[index].to(model.device)
+    hits_rerank, hits_recall = [], []
+    for start in range(0, len(rows), 256):
+        part = slice(start, start + 256)
+        _, relevance = model.score_pairs(phrases[part], frames[part], mask[part])
+        _, weights = model.aggregate_with_weights(frames[part], mask[part])
+        for offset, (rel, wts) in enumerate(zip(relevance.cpu(), weights.cpu())):
+            stamps = times[rows[start + offset]]
+            low, high = windows[start + offset]
+            inside = lambda t: low - 1e-6 <= float(t) < high - 1e-6  # noqa: E731
+            hits_rerank.append(inside(stamps[int(rel.argmax())]))
+            hits_recall.append(inside(stamps[int(wts.argmax())]))
+    return {"moment_rerank": 100.0 * float(np.mean(hits_rerank)), "moment_recall": 100.0 * float(np.mean(hits_recall))}
 
 
 def evaluate_model(model: VideoTextModel, data: EvalSet, *, rerank_k: Sequence[int], beta: float,

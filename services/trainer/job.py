@@ -41,6 +41,7 @@ class TrainResult:
     logs: dict[str, Any]
     data_hash: str
     parent_frame_encoder: str
+    data_info: dict[str, Any]
 
 
 def _model_config(cfg: RunConfig, settings: Settings) -> tuple[Any, Any, Path | None, str | None]:
@@ -172,4 +173,18 @@ def run_training(cfg: RunConfig, settings: Settings, *, progress: bool = True, l
     return TrainResult(run_dir=run_dir, config=cfg, model_config=model_config.to_dict(),
                        weights=final / "model.safetensors", frame_encoder=result["frame_encoder"],
                        metrics=result["metrics"], logs=json.loads((final / "logs.json").read_text()),
-                       data_hash=digest, parent_frame_encoder=model.frame_encoder_id)
+                       data_hash=digest, parent_frame_encoder=model.frame_encoder_id, data_info=_data_info(cfg))
+
+
+def _data_info(cfg: RunConfig) -> dict[str, Any]:
+    """The synthetic generator's arguments (synth.json), so the dataset can be rebuilt exactly."""
+    if cfg.data.kind != "synth":
+        return {"kind": cfg.data.kind}
+    from vidsearch.synth import INFO_NAME
+
+    root = Path(cfg.data.path)
+    info = (root if root.is_dir() else root.parent) / INFO_NAME
+    try:
+        return {"kind": "synth", **json.loads(info.read_text())}
+    except (OSError, ValueError):
+        return {"kind": "synth"}

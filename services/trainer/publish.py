@@ -24,6 +24,7 @@ from vidsearch.telemetry import log_event
 
 from .errors import TrainingError
 from .job import TrainResult
+from .worker import BASELINE_HEAD_FILE
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,10 @@ def publish_run(result: TrainResult, settings: Settings, *, progress: bool = Tru
     model = build_model(ModelConfig.from_dict(result.model_config), device="cpu", seed=BASE_SEED, load_weights=False)
     model.load_state_dict(load_file(str(result.weights)), strict=True)
     extras = {f: (result.run_dir / f).read_bytes() for f in REPORT_FILES if (result.run_dir / f).is_file()}
-    training = {"run_config": result.config.to_dict(), "data_hash": result.data_hash,
+    baseline = result.weights.parent / BASELINE_HEAD_FILE
+    if baseline.is_file():
+        extras[BASELINE_HEAD_FILE] = baseline.read_bytes()
+    training = {"run_config": result.config.to_dict(), "data_hash": result.data_hash, "data_info": result.data_info,
                 "stages": {k: {"steps": v["steps"], "samples_per_s": v["samples_per_s"], "seconds": v["seconds"]}
                            for k, v in result.logs.items()},
                 "gate": gate}
@@ -122,4 +126,4 @@ def _maybe_reindex(result: TrainResult, settings: Settings, registry: ModelRegis
     from .reindex import reindex
 
     report = reindex(settings, version, progress=progress)
-    return True, f"re-indexed: {report}"
+    return True, f"re-indexed: {report.summary()}"

@@ -21,7 +21,7 @@ from vidsearch.telemetry import configure_logging, log_event
 
 from .batches import BatchPlan, merge_neighbours, twin_neighbours
 from .config import RunConfig
-from .evaluate import EvalSet, evaluate_model, flatten_metrics
+from .evaluate import EvalSet, evaluate_model, flatten_metrics, moment_accuracy
 from .frames import open_cache
 from .runner import StageContext, run_stage
 from .stages import (STAGE_IDS, CaptionBank, FrozenFeatures, backbone_loss, distill_loss, encode_cache,
@@ -30,6 +30,7 @@ from .stages import (STAGE_IDS, CaptionBank, FrozenFeatures, backbone_loss, dist
 log = logging.getLogger(__name__)
 
 FINAL_DIR = "final"
+BASELINE_HEAD_FILE = "baseline_head.safetensors"
 MINED_NEGATIVES = 4
 
 
@@ -65,11 +66,12 @@ def _bank(split: dict[str, Any]) -> CaptionBank:
 
 def _eval_set(model: VideoTextModel, split: dict[str, Any], seed: int) -> EvalSet:
     cache = open_cache(split["eval_cache"])
-    frames, mask, _ = encode_cache(model, cache, model.config.num_frames, None, seed, 0)
+    frames, mask, times = encode_cache(model, cache, model.config.num_frames, None, seed, 0)
     index = {vid: i for i, vid in enumerate(split["video_ids"])}
     twins = [[(index[n["video_id"]], n["relation"]) for n in negs if n["video_id"] in index]
              for negs in split["hard_negatives"]]
-    return EvalSet(video_ids=split["video_ids"], frames=frames, mask=mask, bank=_bank(split), twins=twins)
+    return EvalSet(video_ids=split["video_ids"], frames=frames, mask=mask, bank=_bank(split), twins=twins,
+                   times=times)
 
 
 def _train_features(model: VideoTextModel, cfg: RunConfig, cache_dir: str) -> FrozenFeatures:
@@ -166,7 +168,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     if rank == 0:
         metrics = _evaluate(model, baseline, data, cfg, loop_config["beta"])
-        _write_final(run_dir, model, frame_encoder, metrics, logs)
+        _write_final(run_dir, model, frame_encoder, metrics, logs, baseline)
     if world > 1:
         torch.distributed.barrier()
 
@@ -194,6 +196,7 @@ def _evaluate(model: VideoTextModel, baseline: VideoTextModel | None, data: dict
         eval_set = _eval_set(model, data[split], cfg.seed)
         metrics.update(flatten_metrics(split, evaluate_model(model, eval_set, rerank_k=cfg.evaluate.rerank_k,
                                                              beta=beta)))
+        metrics.update({f"{split}.{k}": v for k, v in moment_accuracy(model, eval_set).items()})
         if baseline is not None:
             rows = evaluate_model(baseline, _eval_set(baseline, data[split], cfg.seed), rerank_k=(), beta=beta,
                                   teacher=False)
@@ -204,10 +207,14 @@ def _evaluate(model: VideoTextModel, baseline: VideoTextModel | None, data: dict
 
 
 def _write_final(run_dir: Path, model: VideoTextModel, frame_encoder: str, metrics: dict[str, float],
-                 logs: dict[str, Any]) -> None:
+                 logs: dict[str, Any], baseline: VideoTextModel | None) -> None:
     final = run_dir / FINAL_DIR
     final.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     save_file(tensors, str(final / "model.safetensors"))
+    if baseline is not None:
+        # The non-distilled head, so benchmarks can compare it on other data (heads are small).
+        save_file({k: v.detach().cpu().contiguous().clone() for k, v in baseline.head.state_dict().items()},
+                  str(final / BASELINE_HEAD_FILE))
     (final / "logs.json").write_text(json.dumps(logs))
     (final / "metrics.json").write_text(json.dumps({"frame_encoder": frame_encoder, "metrics": metrics}, indent=2))
