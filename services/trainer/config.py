@@ -35,6 +35,8 @@ class DataSection(_Section):
     videos_dir: str | None = Field(None, description="MSR-VTT videos folder (default <root>/videos)")
     max_videos: int | None = Field(None, ge=2, description="use at most this many train videos (quick runs)")
     train_frames_factor: int = Field(2, ge=1, le=4, description="decode this many x num_frames for temporal jitter")
+    frames: Literal["decode", "index"] = Field(
+        "decode", description="decode the videos, or read the live index's stored frames (frozen frame tower only)")
 
 
 class AugmentSection(_Section):
@@ -139,6 +141,8 @@ class RunConfig(_Section):
             raise ValueError("evaluate.rerank_k: every depth must be >= 1")
         if not any(s.enabled for s in (self.stages.backbone, self.stages.teacher, self.stages.distill)):
             raise ValueError("stages: at least one stage must be enabled")
+        if self.data.frames == "index" and self.stages.backbone.enabled:
+            raise ValueError("data.frames: 'index' needs a frozen frame tower (stages.backbone.enabled: false)")
         return self
 
     def to_yaml(self) -> str:

@@ -84,14 +84,15 @@ class DatasetSource:
 
 # ---------------------------------------------------------------- public API
 
-def load_dataset(source: DatasetSource, decode: DecodeSettings) -> list[TrainingVideo]:
+def load_dataset(source: DatasetSource, decode: DecodeSettings, *, require_files: bool = True) -> list[TrainingVideo]:
     """Read and validate every video of ``source``; uris are checked against ``decode``.
 
     Raises TrainingError (one line) for the first problem found; nothing is decoded.
     """
     loaders = {"synth": _load_synth, "msrvtt": _load_msrvtt, "jsonl": _load_jsonl, "csv": _load_csv}
     drafts = loaders[source.kind](source)
-    return _validate(drafts, decode, Path(source.path))
+    # Training from the index's stored frames never opens a video, so files need not exist then.
+    return _validate(drafts, decode, Path(source.path), require_files)
 
 
 def split_videos(videos: Iterable[TrainingVideo], split: str) -> list[TrainingVideo]:
@@ -172,7 +173,7 @@ def in_val_slice(video_id: str, val_frac: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < val_frac
 
 
-def _validate(drafts: list[_Draft], decode: DecodeSettings, path: Path) -> list[TrainingVideo]:
+def _validate(drafts: list[_Draft], decode: DecodeSettings, path: Path, require_files: bool = True) -> list[TrainingVideo]:
     videos = []
     seen: dict[str, str] = {}
     for draft in drafts:
@@ -187,7 +188,7 @@ def _validate(drafts: list[_Draft], decode: DecodeSettings, path: Path) -> list[
         except VideoError as exc:
             raise _fail(f"{where}: {exc.reason}") from None
         # Existence only after the allowlist, so errors never reveal files outside it.
-        if resolved.is_local and not os.path.isfile(resolved.location):
+        if require_files and resolved.is_local and not os.path.isfile(resolved.location):
             raise _fail(f"{where}: no video file at {resolved.location}")
         videos.append(TrainingVideo(
             video_id=draft.video_id, uri=draft.uri, captions=tuple(draft.captions), split=draft.split,

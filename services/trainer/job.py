@@ -25,6 +25,7 @@ from .config import RunConfig
 from .datasets import DatasetSource, TrainingVideo, data_hash, load_dataset, split_videos, trusting_dataset_root
 from .errors import TrainingError
 from .frames import build_cache
+from .index_frames import cache_index_frames
 from .worker import FINAL_DIR, train_loop
 
 log = logging.getLogger(__name__)
@@ -78,11 +79,11 @@ def _split_record(videos: list[TrainingVideo]) -> dict[str, Any]:
 
 
 def prepare_data(cfg: RunConfig, settings: Settings, image_size: int, num_frames: int,
-                 progress: bool) -> tuple[dict[str, Any], str]:
+                 progress: bool, frame_encoder: str = "") -> tuple[dict[str, Any], str]:
     source = DatasetSource(kind=cfg.data.kind, path=cfg.data.path, val_frac=cfg.data.val_frac,
                            videos_dir=cfg.data.videos_dir)
     decode = trusting_dataset_root(settings.decode, source)
-    videos = load_dataset(source, decode)
+    videos = load_dataset(source, decode, require_files=cfg.data.frames == "decode")
     splits = {name: split_videos(videos, name) for name in ("train", "val", "test")}
     if cfg.data.max_videos:
         splits["train"] = splits["train"][:cfg.data.max_videos]
@@ -99,6 +100,12 @@ def prepare_data(cfg: RunConfig, settings: Settings, image_size: int, num_frames
         if not members:
             continue
         record = _split_record(members)
+        if cfg.data.frames == "index":
+            if name == "train" or name in cfg.evaluate.splits:
+                record["feature_cache"] = str(cache_index_frames(settings, members, frame_encoder, num_frames,
+                                                                 cache_dir, name))
+            data[name] = record
+            continue
         if name == "train":
             record["train_cache"] = str(build_cache(members, decode, frames=num_frames * cfg.data.train_frames_factor,
                                                     size=image_size, cache_dir=cache_dir, label="train",
@@ -155,7 +162,7 @@ def run_training(cfg: RunConfig, settings: Settings, *, progress: bool = True, l
     (run_dir / "run.yaml").write_text(cfg.to_yaml())
     model_config, model, init, init_version = _model_config(cfg, settings)
     size = model.image_size if isinstance(model.image_size, int) else min(model.image_size)
-    data, digest = prepare_data(cfg, settings, size, model_config.num_frames, progress)
+    data, digest = prepare_data(cfg, settings, size, model_config.num_frames, progress, model.frame_encoder_id)
     data_file = run_dir / "data.json"
     data_file.write_text(json.dumps(data))
     loop_config = {"run": cfg.to_dict(), "model_config": model_config.to_dict(), "seed": cfg.seed,

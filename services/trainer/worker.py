@@ -23,6 +23,7 @@ from .batches import BatchPlan, merge_neighbours, twin_neighbours
 from .config import RunConfig
 from .evaluate import EvalSet, evaluate_model, flatten_metrics, moment_accuracy
 from .frames import open_cache
+from .index_frames import open_feature_cache
 from .runner import StageContext, run_stage
 from .stages import (STAGE_IDS, CaptionBank, FrozenFeatures, backbone_loss, distill_loss, encode_cache,
                      mine_neighbours, teacher_loss)
@@ -64,9 +65,18 @@ def _bank(split: dict[str, Any]) -> CaptionBank:
     return CaptionBank(captions=[list(c) for c in split["captions"]], events=[list(e) for e in split["events"]])
 
 
+def _features_of(split: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stored frame features (data.frames=index): no decoding, no frame tower."""
+    frames, mask, times = open_feature_cache(split["feature_cache"])
+    return torch.from_numpy(frames), torch.from_numpy(mask), torch.from_numpy(times)
+
+
 def _eval_set(model: VideoTextModel, split: dict[str, Any], seed: int) -> EvalSet:
-    cache = open_cache(split["eval_cache"])
-    frames, mask, times = encode_cache(model, cache, model.config.num_frames, None, seed, 0)
+    if "feature_cache" in split:
+        frames, mask, times = _features_of(split)
+    else:
+        frames, mask, times = encode_cache(model, open_cache(split["eval_cache"]), model.config.num_frames,
+                                           None, seed, 0)
     index = {vid: i for i, vid in enumerate(split["video_ids"])}
     twins = [[(index[n["video_id"]], n["relation"]) for n in negs if n["video_id"] in index]
              for negs in split["hard_negatives"]]
@@ -74,8 +84,11 @@ def _eval_set(model: VideoTextModel, split: dict[str, Any], seed: int) -> EvalSe
                    times=times)
 
 
-def _train_features(model: VideoTextModel, cfg: RunConfig, cache_dir: str) -> FrozenFeatures:
-    cache = open_cache(cache_dir)
+def _train_features(model: VideoTextModel, cfg: RunConfig, split: dict[str, Any]) -> FrozenFeatures:
+    if "feature_cache" in split:
+        clean = _features_of(split)
+        return FrozenFeatures(*clean, views=clean[0][None], view_mask=clean[1][None], view_times=clean[2][None])
+    cache = open_cache(split["train_cache"])
     num_frames = model.config.num_frames
     clean = encode_cache(model, cache, num_frames, None, cfg.seed, 0)
     views = [encode_cache(model, cache, num_frames, cfg.augment, cfg.seed, v + 1)
@@ -109,7 +122,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     def after_step() -> None:
         _clamp_temperatures(model)
 
-    val = data.get("val") if "eval_cache" in data.get("val", {}) else None
+    val = data.get("val") if {"eval_cache", "feature_cache"} & set(data.get("val", {})) else None
 
     def val_r1(which: str, target: VideoTextModel | None = None, reencode: bool = False) -> Callable[[], float] | None:
         """A val R@1 probe for the report's curves (frames re-encoded when the frame tower trains)."""
@@ -136,7 +149,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         frame_encoder = f"{':'.join(model.frame_encoder_id.split(':')[:2])}:trained:{visual_weights_id(model)}"
     _set_trainable(model)
     model.eval()
-    features = _train_features(model, cfg, train["train_cache"])
+    features = _train_features(model, cfg, train)
     mined = mine_neighbours(model, features, bank, MINED_NEGATIVES)
     neighbours = merge_neighbours(twins, mined)
 
@@ -191,7 +204,7 @@ def _evaluate(model: VideoTextModel, baseline: VideoTextModel | None, data: dict
               beta: float) -> dict[str, float]:
     metrics: dict[str, float] = {}
     for split in cfg.evaluate.splits:
-        if split not in data or not data[split]["video_ids"]:
+        if split not in data or not ({"eval_cache", "feature_cache"} & set(data[split])):
             continue
         eval_set = _eval_set(model, data[split], cfg.seed)
         metrics.update(flatten_metrics(split, evaluate_model(model, eval_set, rerank_k=cfg.evaluate.rerank_k,
