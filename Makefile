@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vidsearch-installed
 INSTALL_INPUTS := pyproject.toml setup.py $(wildcard protos/vidsearch/v1/*.proto)
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench shipped-model clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,12 @@ demo: install
 bench: install
 	$(PY) benchmarks/ingest.py
 	$(PY) benchmarks/serve.py
+	$(PY) benchmarks/quality.py
+
+# Re-train the shipped model (deploy/models) with the recorded command.
+shipped-model: install
+	$(VENV)/bin/vidsearch synth --out data/synth-train --n 3000 --seed 7 --workers 2 --overwrite
+	$(VENV)/bin/vidsearch train --config deploy/train/shipped.yaml --registry deploy/models --reindex never
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -59,6 +59,7 @@ class Item:
     reason: str | None = None
     encoded: Encoded | None = None
     point: Any = None  # the VideoPoint, built when the batch is finalised
+    dlq_sent: bool = False  # this failed item's DLQ record was acknowledged
 
     @property
     def tp(self) -> tuple[str, int]:
@@ -93,6 +94,10 @@ class Batch:
     # Finalisation progress, so a retry resumes at the step that failed.
     dlq_sent: bool = False
     store_written: bool = False
+    # The EncodeTarget (model version + collection) the worker captured for this batch:
+    # every point of the batch is encoded with that version and written to its
+    # collection (the worker re-targets a batch not yet written when the alias moves).
+    target: Any = None
 
     @classmethod
     def from_records(cls, records: Iterable[Any]) -> "Batch":

@@ -6,14 +6,19 @@ encoder actor (the driver never holds the pixels). Decode tasks already shrink
 frames to the model's input size, so what travels is ~T x 224 x 224 x 3 bytes,
 not full-resolution video.
 
-Each encoder actor owns one copy of the serving model (GPU with bf16 autocast
-when the cluster has one, CPU otherwise). One call encodes the frames of several
-videos in one forward pass (the driver packs them), then aggregates each video
-with the serving head.
+Each encoder actor owns the serving model (GPU with bf16 autocast when the
+cluster has one, CPU otherwise). One call encodes the frames of several videos in
+one forward pass (the driver packs them), then aggregates each video with the head
+of the model version the call names. An actor keeps the last
+:data:`CACHED_VERSIONS` versions it was asked for, so a worker following an alias
+flip encodes the batches captured before and after the flip each with its own
+version; versions with the same ``frame_encoder`` id share one frame tower (only
+the head and text side differ), a new ``frame_encoder`` loads its own.
 """
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +32,8 @@ log = logging.getLogger(__name__)
 # Tasks are retried by Ray when their worker process dies (system failures only);
 # exceptions raised by our own code are data, see decode_frames.
 DECODE_SYSTEM_RETRIES = 2
+# Model versions one encoder actor keeps loaded (the live one and the one before a flip).
+CACHED_VERSIONS = 2
 
 
 @dataclass(frozen=True)
@@ -85,40 +92,113 @@ class EncoderInfo:
     device: str
 
 
-class FrameEncoder:
-    """Ray actor: the serving model's frame tower + head on one device."""
+def frames_per_video(decode: DecodeSettings, info: EncoderInfo) -> int:
+    """Frames to sample per video for a model: its own frame count (uniform) or the cap
+    (fps), never more than the head/scorer position embeddings or the decode limit allow."""
+    wanted = info.num_frames if decode.sampling == "uniform" else decode.max_frames
+    return max(1, min(wanted, info.max_frames, decode.max_frames))
 
-    def __init__(self, settings: Settings) -> None:
+
+@dataclass(frozen=True)
+class EncodeTarget:
+    """What one ingest batch is encoded for and written to: one model version (its frame
+    tower and head), the decode shape that version wants, and its collection."""
+
+    version: str
+    collection: str
+    info: EncoderInfo
+    num_frames: int
+
+    @property
+    def resize_to(self) -> int:
+        return self.info.image_size
+
+    @property
+    def frame_encoder(self) -> str:
+        return self.info.frame_encoder_id
+
+
+class FrameEncoder:
+    """Ray actor: the frame tower + head of one or a few model versions on one device.
+
+    ``version`` None loads the serving model (the registry's production, or the base
+    model); any other version is loaded by id with ``load_model_for_version``.
+    """
+
+    def __init__(self, settings: Settings, version: str | None = None) -> None:
         import torch
 
-        from vidsearch.models.persist import load_serving_model
-
         self._torch = torch
-        self.model, self.version = load_serving_model(settings)
-        self.model.eval()
+        self._settings = settings
+        if version is None:
+            from vidsearch.models.persist import load_serving_model
+
+            model, version = load_serving_model(settings)
+        else:
+            model = self._load(version)
+        model.eval()
+        self.version = version  # the default: what a call naming no version uses
+        self._models: OrderedDict[str, Any] = OrderedDict([(version, model)])
         self.batch_frames = settings.ingest.encoder_batch_frames
 
-    def info(self) -> EncoderInfo:
-        config = self.model.config
-        size = self.model.image_size
+    @property
+    def model(self) -> Any:
+        return self._model(None)
+
+    def _load(self, version: str) -> Any:
+        from vidsearch.model_versions import load_model_for_version
+
+        return load_model_for_version(self._settings, version).eval()
+
+    def _model(self, version: str | None) -> Any:
+        version = version or self.version
+        if version in self._models:
+            self._models.move_to_end(version)
+            return self._models[version]
+        model = self._load(version)
+        for other in self._models.values():
+            # Same frame-encoder id = same frame tower by contract (that is what lets a
+            # re-index keep the stored frames): keep one copy of it on the device.
+            if other.frame_encoder_id == model.frame_encoder_id and other.config.clip == model.config.clip:
+                model.clip.visual = other.clip.visual
+                break
+        self._models[version] = model
+        while len(self._models) > CACHED_VERSIONS:
+            self._models.popitem(last=False)
+        log.info("encoder actor loaded model version %s (frame encoder %s)", version, model.frame_encoder_id)
+        return model
+
+    def info(self, version: str | None = None) -> EncoderInfo:
+        model = self._model(version)
+        config = model.config
+        size = model.image_size
         limits = [config.scorer.max_frames] + ([config.head.max_frames] if config.head.kind != "meanP" else [])
         return EncoderInfo(
-            model_version=self.version, frame_encoder_id=self.model.frame_encoder_id,
-            embed_dim=int(self.model.embed_dim), image_size=int(size if isinstance(size, int) else max(size)),
-            num_frames=int(config.num_frames), max_frames=int(min(limits)), device=str(self.model.device))
+            model_version=version or self.version, frame_encoder_id=model.frame_encoder_id,
+            embed_dim=int(model.embed_dim), image_size=int(size if isinstance(size, int) else max(size)),
+            num_frames=int(config.num_frames), max_frames=int(min(limits)), device=str(model.device))
 
-    def encode(self, *videos: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Frames of several videos -> per video (video_vector[D], frames[T,D]), float32.
+    def prepare(self, version: str) -> EncoderInfo:
+        """Load ``version`` now (before a worker switches to it) and describe it."""
+        return self.info(version)
+
+    def versions(self) -> list[str]:
+        return list(self._models)
+
+    def encode(self, *videos: np.ndarray, version: str | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Frames of several videos -> per video (video_vector[D], frames[T,D]), float32,
+        with ``version``'s frame tower and head (default: the actor's default version).
 
         Frames of all videos go through the image tower together, ``batch_frames``
         at a time, so small videos still fill the device.
         """
         torch = self._torch
+        model = self._model(version)
         counts = [int(v.shape[0]) for v in videos]
         with torch.inference_mode():
             # Preprocess per video: videos may differ in aspect ratio, the output never does.
-            pixels = torch.cat([self.model.preprocess(v) for v in videos])
-            chunks = [self.model.encode_frames(pixels[i:i + self.batch_frames])
+            pixels = torch.cat([model.preprocess(v) for v in videos])
+            chunks = [model.encode_frames(pixels[i:i + self.batch_frames])
                       for i in range(0, pixels.shape[0], self.batch_frames)]
             features = torch.cat(chunks)
             per_video = list(torch.split(features, counts))
@@ -128,7 +208,7 @@ class FrameEncoder:
             for row, frames in enumerate(per_video):
                 padded[row, :frames.shape[0]] = frames
                 mask[row, :frames.shape[0]] = True
-            vectors = self.model.aggregate(padded, mask)
+            vectors = model.aggregate(padded, mask)
         return [(vectors[i].float().cpu().numpy(), per_video[i].float().cpu().numpy())
                 for i in range(len(videos))]
 
@@ -142,9 +222,11 @@ def use_gpu(settings: Settings) -> bool:
 
 
 class EncoderPool:
-    """``settings.ingest.encoder_actors`` FrameEncoder actors, all serving one model version."""
+    """``settings.ingest.encoder_actors`` FrameEncoder actors with the same default model
+    version (``version``, or the serving model when None); ``info`` describes it."""
 
-    def __init__(self, settings: Settings, actors: int | None = None, *, startup_timeout_s: float = 600.0) -> None:
+    def __init__(self, settings: Settings, actors: int | None = None, *, startup_timeout_s: float = 600.0,
+                 version: str | None = None) -> None:
         count = actors or settings.ingest.encoder_actors
         gpu = use_gpu(settings)
         options: dict[str, Any] = {
@@ -156,7 +238,7 @@ class EncoderPool:
         if gpu:
             options["num_gpus"] = settings.ingest.encoder_num_gpus
         actor_class = ray.remote(FrameEncoder)
-        self.actors = [actor_class.options(**options).remote(settings) for _ in range(count)]
+        self.actors = [actor_class.options(**options).remote(settings, version) for _ in range(count)]
         infos: list[EncoderInfo] = ray.get([a.info.remote() for a in self.actors], timeout=startup_timeout_s)
         versions = {i.model_version for i in infos}
         if len(versions) != 1:
@@ -166,6 +248,11 @@ class EncoderPool:
         self.info = infos[0]
         self.gpu = gpu
         self.outstanding = [0] * count
+
+    def prepare(self, version: str) -> list[Any]:
+        """Start loading ``version`` on every actor; the refs resolve to its EncoderInfo
+        (or raise when it can't be loaded). Nothing waits here."""
+        return [actor.prepare.remote(version) for actor in self.actors]
 
     def pick(self) -> int:
         """Index of the actor with the fewest calls in flight."""

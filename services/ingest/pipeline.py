@@ -10,6 +10,13 @@ Packing (dynamic batching). Decoded videos wait in an accumulator. A call is sen
 when the accumulator holds ``encoder_batch_frames`` frames, or as soon as some
 actor is idle (an idle device never waits for a fuller batch). At most two calls
 are queued per actor, so a burst can't pile unbounded work onto one actor.
+
+Versions. A job is encoded for the ``target`` (an ``EncodeTarget``: model version,
+frames per video, input size) its batch carried when it was submitted; a call packs
+only jobs of one target. When the worker re-targets a batch (the live alias moved),
+the jobs of the old target are dropped like those of a revoked partition, and the
+batch's videos are submitted again. Items of a batch without a target use the
+pipeline's own ``num_frames``/``resize_to`` and the actors' default version.
 """
 from __future__ import annotations
 
@@ -40,6 +47,8 @@ MAX_CALLS_PER_ACTOR = 2
 class _Job:
     item: Item
     backoff: Backoff
+    # The batch's EncodeTarget when the job was submitted (None: pipeline defaults).
+    target: Any = None
     meta: DecodeMeta | None = None
     frames_ref: Any = None
     # After a multi-video encoder call raised, each video is retried alone so one
@@ -48,7 +57,13 @@ class _Job:
 
     @property
     def dropped(self) -> bool:
-        return self.item.tp in self.item.batch.revoked
+        batch = self.item.batch
+        # Revoked partition, or the batch was re-targeted to another model version.
+        return self.item.tp in batch.revoked or batch.target is not self.target
+
+    @property
+    def version(self) -> str | None:
+        return None if self.target is None else self.target.version
 
 
 @dataclass(eq=False)
@@ -79,15 +94,16 @@ class Pipeline:
     def submit(self, items: list[Item]) -> None:
         for item in items:
             if isinstance(item.op, UpsertOp) and not item.failed:
-                self._queue.append(_Job(item, self._backoff()))
+                self._queue.append(_Job(item, self._backoff(), target=item.batch.target))
 
     @property
     def busy(self) -> bool:
         return bool(self._queue or self._decoding or self._decoded or self._calls)
 
     def drop_revoked(self) -> None:
-        """Forget the work of revoked partitions. Running decode tasks are cancelled;
-        running encoder calls finish and their results for dropped jobs are ignored."""
+        """Forget the work of revoked partitions and re-targeted batches. Running decode
+        tasks are cancelled; running encoder calls finish and their results for dropped
+        jobs are ignored."""
         self._queue = deque(j for j in self._queue if not j.dropped)
         for ref, job in list(self._decoding.items()):
             if job.dropped:
@@ -129,7 +145,11 @@ class Pipeline:
             if not job.backoff.ready():
                 deferred.append(job)
                 continue
-            meta_ref, frames_ref = decode_frames.remote(job.item.op.uri, self.decode, self.num_frames, self.resize_to)
+            if job.target is None:
+                num_frames, resize_to = self.num_frames, self.resize_to
+            else:
+                num_frames, resize_to = job.target.num_frames, job.target.resize_to
+            meta_ref, frames_ref = decode_frames.remote(job.item.op.uri, self.decode, num_frames, resize_to)
             job.frames_ref = frames_ref
             self._decoding[meta_ref] = job
         # Jobs still backing off keep their place at the head, so FIFO order holds.
@@ -181,7 +201,10 @@ class Pipeline:
             if load > 0 and frames < self.batch_frames:
                 return  # every actor is busy: let the batch fill up meanwhile
             jobs = self._take_pack()
-            ref = self.pool.actors[actor].encode.remote(*[j.frames_ref for j in jobs])
+            refs = [j.frames_ref for j in jobs]
+            version = jobs[0].version
+            handle = self.pool.actors[actor]
+            ref = handle.encode.remote(*refs) if version is None else handle.encode.remote(*refs, version=version)
             self._calls[ref] = _Call(actor, jobs, ref)
             self.pool.outstanding[actor] += 1
 
@@ -190,7 +213,8 @@ class Pipeline:
         if head.solo:
             return [self._decoded.pop(0)]
         pack, frames = [], 0
-        while self._decoded and not self._decoded[0].solo:
+        # One call encodes for one target (model version) only.
+        while self._decoded and not self._decoded[0].solo and self._decoded[0].target is head.target:
             job = self._decoded[0]
             if pack and frames + job.meta.num_frames > self.batch_frames:
                 break

@@ -22,6 +22,20 @@ One thread drives everything (kafka-python consumers are not thread-safe):
   Work of revoked partitions is dropped uncommitted; the new owner re-reads it
   from the committed offset, and re-writing is harmless because point ids are
   uuid5(video_id).
+* The worker follows the store alias (not the registry's ``production``): every
+  ``serve.alias_poll_s`` it checks which collection ``store.alias`` points at. Each
+  batch captures one :class:`EncodeTarget` (model version, collection, frames per
+  video) when it is polled, and all its points are encoded with that version and
+  written to that collection. When the alias moves (a re-index or rollback flipped
+  it), the worker stops taking records, has the encoder actors load the new version
+  (same ``frame_encoder``: only the head is new and the frame tower is shared; a new
+  ``frame_encoder``: the actors load its frame tower), then re-targets every batch
+  not yet written (its videos are encoded again for the new version) and goes on.
+  So after the worker noticed a flip it writes nothing more to the old collection;
+  writes the old collection still gets in between (at most ``serve.alias_poll_s``
+  plus one store write) are copied by the re-index's catch-up after the flip. For
+  the same reason deletes are also applied to the previous collection, so a late
+  catch-up (or a rollback) never brings a deleted video back.
 """
 from __future__ import annotations
 
@@ -33,12 +47,12 @@ from collections import deque
 from typing import Any, Callable
 
 from vidsearch.config import Settings
-from vidsearch.messages import dlq_record
+from vidsearch.messages import UpsertOp, dlq_record
 from vidsearch.telemetry import log_event
 
 from .backoff import Backoff
 from .batch import Batch, Item
-from .encoder import EncoderPool
+from .encoder import EncodeTarget, EncoderInfo, EncoderPool, frames_per_video
 from .metrics import IngestMetrics, SummaryLogger
 from .pipeline import Pipeline
 
@@ -52,6 +66,16 @@ LAG_REFRESH_S = 5.0
 
 class WorkerError(RuntimeError):
     """The worker can't start (no broker, store layout mismatch ...); one-line message."""
+
+
+class _Switch:
+    """A move of the live alias the worker is following: the new version is loading."""
+
+    def __init__(self, collection: str, version: str, refs: list[Any]) -> None:
+        self.collection = collection
+        self.version = version
+        self.refs = refs
+        self.started = time.monotonic()
 
 
 class _Transient(Exception):
@@ -105,9 +129,14 @@ class IngestWorker:
         self._consumer: Any = None
         self._producer: Any = None
         self.pipeline: Pipeline | None = None
-        self.collection: str | None = None
-        self.model_version: str | None = None
-        self.frame_encoder: str | None = None
+        # What new batches are encoded for and written to (follows the store alias).
+        self.target: EncodeTarget | None = None
+        # The collection written before the last switch: deletes go there too.
+        self.previous_collection: str | None = None
+        self._switch: _Switch | None = None
+        self._switch_backoff = Backoff(settings.ingest.retry_initial_s, settings.ingest.retry_max_s)
+        self._next_alias_check = 0.0
+        self.switches = 0  # alias moves followed (for tests and the log)
         self._inflight: deque[Batch] = deque()
         self._backoff = Backoff(settings.ingest.retry_initial_s, settings.ingest.retry_max_s)
         self._summary = SummaryLogger(self.metrics, settings.ingest.log_summary_interval_s)
@@ -131,7 +160,7 @@ class IngestWorker:
         from kafka.errors import KafkaError
 
         from vidsearch.broker import BrokerError, ensure_topics
-        from vidsearch.store import collection_name, open_store
+        from vidsearch.store import open_store
 
         settings = self.settings
         broker = settings.broker
@@ -152,15 +181,14 @@ class IngestWorker:
         ensure_ray(settings)
         if self._pool is None:
             self._pool = EncoderPool(settings)
-        info = self._pool.info
-        self.model_version, self.frame_encoder = info.model_version, info.frame_encoder_id
         if self._store is None:
             self._store = open_store(settings)
-        self.collection = collection_name(info.model_version, settings.store.alias)
+        self.target = self._initial_target()
         self._ensure_collection(first_boot=True)
+        self._next_alias_check = time.monotonic() + settings.serve.alias_poll_s
         self.pipeline = Pipeline(
-            self._pool, settings.decode, num_frames=self._frames_per_video(info),
-            resize_to=info.image_size, parallelism=settings.ingest.decode_parallelism,
+            self._pool, settings.decode, num_frames=self.target.num_frames,
+            resize_to=self.target.resize_to, parallelism=settings.ingest.decode_parallelism,
             batch_frames=settings.ingest.encoder_batch_frames, retry_initial_s=settings.ingest.retry_initial_s,
             retry_max_s=settings.ingest.retry_max_s, metrics=self.metrics)
         try:
@@ -177,21 +205,77 @@ class IngestWorker:
         self._started = True
         log_event(log, "ingest worker started", topic=self.topic, group=self.group, collection=self.collection,
                   model_version=self.model_version, encoder_actors=len(self._pool.actors),
-                  device=info.device, gpu=self._pool.gpu)
+                  device=self.target.info.device, gpu=self._pool.gpu)
         return self
 
-    def _frames_per_video(self, info: Any) -> int:
-        decode = self.settings.decode
-        # The model's own frame count (uniform) or the cap (fps), never more than the
-        # head/scorer position embeddings or the decode limit allow.
-        wanted = info.num_frames if decode.sampling == "uniform" else decode.max_frames
-        return max(1, min(wanted, info.max_frames, decode.max_frames))
+    # The current target, under the names the worker has always had.
+    @property
+    def collection(self) -> str | None:
+        return None if self.target is None else self.target.collection
+
+    @property
+    def model_version(self) -> str | None:
+        return None if self.target is None else self.target.version
+
+    @property
+    def frame_encoder(self) -> str | None:
+        return None if self.target is None else self.target.frame_encoder
+
+    def _frames_per_video(self, info: EncoderInfo) -> int:
+        return frames_per_video(self.settings.decode, info)
+
+    def _make_target(self, collection: str, info: EncoderInfo) -> EncodeTarget:
+        return EncodeTarget(version=info.model_version, collection=collection, info=info,
+                            num_frames=self._frames_per_video(info))
+
+    def _initial_target(self) -> EncodeTarget:
+        """The collection the alias points at (its version loaded on the actors), or on
+        first boot, the pool's serving model and its ``videos__<version>``."""
+        import ray
+        from ray.exceptions import RayError
+
+        from vidsearch.store import StoreError, StoreUnavailable, collection_name, model_version_of
+
+        alias = self.settings.store.alias
+        while True:
+            try:
+                live = self._store.resolve_alias(alias)
+                break
+            except StoreError as exc:
+                if not isinstance(exc, StoreUnavailable):
+                    raise WorkerError(str(exc)) from None
+                self._wait_for_store(exc)
+        info = self._pool.info
+        if live is None:
+            return self._make_target(collection_name(info.model_version, alias), info)
+        try:
+            version = model_version_of(live, alias)
+        except ValueError as exc:
+            raise WorkerError(f"alias {alias!r} points at {live!r}, which is not a "
+                              f"'{alias}__<model_version>' collection: {exc}") from None
+        if version != info.model_version:
+            try:
+                infos = ray.get(self._pool.prepare(version))
+            except RayError as exc:
+                reason = str(getattr(exc, "cause", None) or exc).strip().splitlines()
+                raise WorkerError(f"the live collection {live} was built with model version {version}, "
+                                  f"which the encoder actors cannot load: {reason[-1] if reason else exc}") from None
+            info = infos[0]
+        return self._make_target(live, info)
+
+    def _wait_for_store(self, exc: Exception) -> None:
+        delay = self._backoff.failed()
+        self.metrics.retries.labels(stage="store").inc()
+        log_event(log, "store unavailable at startup, retrying", logging.WARNING,
+                  retry_in_s=round(delay, 2), reason=str(exc)[:300])
+        if self._stop.wait(delay):
+            raise WorkerError("stopped while waiting for the store") from None
 
     def _ensure_collection(self, first_boot: bool = False) -> None:
         """Create ``videos__<version>``; on first boot (no alias yet) point the alias at it."""
         from vidsearch.store import StoreError
 
-        info = self._pool.info
+        info = self.target.info
         while True:
             try:
                 self._store.ensure_collection(self.collection, info.embed_dim, info.embed_dim)
@@ -206,12 +290,7 @@ class IngestWorker:
 
                 if not isinstance(exc, StoreUnavailable):
                     raise WorkerError(str(exc)) from None
-                delay = self._backoff.failed()
-                self.metrics.retries.labels(stage="store").inc()
-                log_event(log, "store unavailable at startup, retrying", logging.WARNING,
-                          retry_in_s=round(delay, 2), reason=str(exc)[:300])
-                if self._stop.wait(delay):
-                    raise WorkerError("stopped while waiting for the store") from None
+                self._wait_for_store(exc)
 
     def stop(self) -> None:
         """Ask the loop to stop polling and drain (safe from signal handlers and other threads)."""
@@ -285,10 +364,14 @@ class IngestWorker:
 
     # ------------------------------------------------------------------ the loop
     def step(self) -> None:
-        """One loop iteration: progress the pipeline, finalise, poll."""
+        """One loop iteration: follow the alias, progress the pipeline, finalise, poll."""
+        self._follow_alias()
         self.pipeline.pump()
         self._finalise_ready()
-        accept = not self.stopping and len(self._inflight) < self.settings.ingest.max_inflight_batches
+        # While a switch is pending, nothing new is taken: it would be encoded for the
+        # version that is going away.
+        accept = (not self.stopping and self._switch is None
+                  and len(self._inflight) < self.settings.ingest.max_inflight_batches)
         self._set_paused(not accept)
         busy = self.pipeline.busy or bool(self._inflight)
         records = self._consumer.poll(timeout_ms=BUSY_POLL_MS if busy or not accept else IDLE_POLL_MS)
@@ -309,9 +392,124 @@ class IngestWorker:
             self._consumer.resume(*assigned)
         self._paused = paused
 
+    # ------------------------------------------------------------------ following the alias
+    def _follow_alias(self) -> None:
+        """Every ``serve.alias_poll_s``: has the alias moved? Then load its version and switch."""
+        if self._switch is not None:
+            self._advance_switch()
+            return
+        now = time.monotonic()
+        if now < self._next_alias_check or self._backoff.failures:
+            # Also not while a batch is retrying a failure (e.g. the store is down): the
+            # check would only add calls to a store that is not answering.
+            return
+        self._next_alias_check = now + self.settings.serve.alias_poll_s
+        from vidsearch.store import StoreError, model_version_of
+
+        alias = self.settings.store.alias
+        try:
+            live = self._store.resolve_alias(alias)
+        except StoreError as exc:
+            # The store write of the next batch retries (and counts) store outages.
+            log_event(log, "alias check failed", logging.DEBUG, alias=alias, error=str(exc)[:300])
+            return
+        if live is None or live == self.target.collection:
+            return
+        try:
+            version = model_version_of(live, alias)
+        except ValueError:
+            log_event(log, "alias points at a collection without a model version; not following it",
+                      logging.WARNING, alias=alias, collection=live)
+            return
+        log_event(log, "live alias moved: loading its model version on the encoder actors", alias=alias,
+                  collection=live, model_version=version, previous=self.target.collection)
+        self._switch = _Switch(live, version, self._pool.prepare(version))
+
+    def _advance_switch(self) -> None:
+        import ray
+        from ray.exceptions import RayError
+
+        switch = self._switch
+        if not self._switch_backoff.ready():
+            return
+        if switch.refs is None:
+            # Retrying after a failed load: the alias may have moved on (or back) meanwhile.
+            if not self._still_moving_to(switch):
+                return
+            switch.refs = self._pool.prepare(switch.version)
+        done, _ = ray.wait(switch.refs, num_returns=len(switch.refs), timeout=0)
+        if len(done) < len(switch.refs):
+            return
+        try:
+            infos: list[EncoderInfo] = ray.get(switch.refs)
+        except RayError as exc:
+            # Nothing is written to a collection that is no longer live, and nothing is
+            # committed: ingestion waits (partitions paused) and the load is retried.
+            delay = self._switch_backoff.failed()
+            switch.refs = None
+            self.metrics.retries.labels(stage="model").inc()
+            reason = str(getattr(exc, "cause", None) or exc).strip().splitlines()
+            log_event(log, "cannot load the live model version, retrying", logging.WARNING,
+                      model_version=switch.version, retry_in_s=round(delay, 2),
+                      reason=(reason[-1] if reason else type(exc).__name__)[:300])
+            return
+        self._switch_backoff.succeeded()
+        target = self._make_target(switch.collection, infos[0])
+        previous, self.target = self.target, target
+        self.previous_collection = previous.collection
+        self._switch = None
+        self._next_alias_check = time.monotonic() + self.settings.serve.alias_poll_s
+        self.switches += 1
+        retargeted = 0
+        for batch in self._inflight:
+            if batch.target is not target and not batch.store_written and not batch.abandoned:
+                self._retarget(batch, target)
+                retargeted += 1
+        self.pipeline.drop_revoked()  # forget the old target's decode/encode work
+        log_event(log, "following the live alias", collection=target.collection, model_version=target.version,
+                  frame_encoder=target.frame_encoder, previous=previous.collection,
+                  same_frame_encoder=target.frame_encoder == previous.frame_encoder,
+                  retargeted_batches=retargeted, load_s=round(time.monotonic() - switch.started, 2))
+
+    def _still_moving_to(self, switch: _Switch) -> bool:
+        """Re-read the alias before retrying a failed switch: cancel it when the alias is
+        back on the current target, or aim it at wherever the alias points now."""
+        from vidsearch.store import StoreError, model_version_of
+
+        alias = self.settings.store.alias
+        try:
+            live = self._store.resolve_alias(alias)
+        except StoreError:
+            return True  # can't tell: keep trying the switch we know about
+        if live is None or live == self.target.collection:
+            log_event(log, "alias is back on the current collection; switch cancelled", collection=live)
+            self._switch = None
+            self._switch_backoff.succeeded()
+            return False
+        if live != switch.collection:
+            try:
+                switch.version = model_version_of(live, alias)
+            except ValueError:
+                self._switch = None
+                return False
+            switch.collection = live
+        return True
+
+    def _retarget(self, batch: Batch, target: EncodeTarget) -> None:
+        """Encode a batch not yet written again, for ``target``: its upserts lose their
+        results and go through the pipeline once more (deletes only change collection)."""
+        batch.target = target
+        redo = []
+        for item in batch.live_items():
+            if isinstance(item.op, UpsertOp) and not item.failed:
+                item.encoded, item.point = None, None
+                redo.append(item)
+        self.pipeline.submit(redo)
+
     def _take(self, records: dict[Any, list[Any]]) -> None:
         flat = [record for tp_records in records.values() for record in tp_records]
         batch = Batch.from_records(flat)
+        batch.target = self.target
         self._inflight.append(batch)
         self.metrics.inflight.set(len(self._inflight))
         self.pipeline.submit(batch.items)
@@ -329,6 +527,8 @@ class IngestWorker:
                 continue
             if not batch.ready or not self._backoff.ready():
                 return
+            if self._switch is not None and batch.target.collection != self._switch.collection:
+                return  # encoded for a collection that is no longer live: re-targeted once the switch is done
             try:
                 self._finalise(batch)
             except _Transient as exc:
@@ -347,11 +547,11 @@ class IngestWorker:
         self.metrics.inflight.set(len(self._inflight))
 
     def _finalise(self, batch: Batch) -> None:
-        if not batch.dlq_sent:
+        if not batch.store_written:
+            # Also after a re-target: its points are built again for the new version.
             self._write_points_check(batch)
             self._send_dlq(batch)
             batch.dlq_sent = True
-        if not batch.store_written:
             self._write_store(batch)
             batch.store_written = True
         self._commit(batch)
@@ -381,9 +581,9 @@ class IngestWorker:
     def _point(self, item: Item) -> Any:
         from vidsearch.store import VideoPoint, build_payload
 
-        op, encoded = item.op, item.encoded
+        op, encoded, target = item.op, item.encoded, item.batch.target
         payload = build_payload(op.video_id, op.uri, op.metadata, encoded.timestamps, encoded.duration_s,
-                                self.frame_encoder, self.model_version)
+                                target.frame_encoder, target.version)
         payload.update({"width": encoded.width, "height": encoded.height, "fps": encoded.fps,
                         "codec": encoded.codec})
         return VideoPoint(op.video_id, encoded.video_vector, encoded.frames, payload)
@@ -391,7 +591,7 @@ class IngestWorker:
     def _send_dlq(self, batch: Batch) -> None:
         from kafka.errors import KafkaError
 
-        failed = batch.dlq_items()
+        failed = [item for item in batch.dlq_items() if not item.dlq_sent]
         if not failed:
             return
         try:
@@ -404,6 +604,7 @@ class IngestWorker:
         except KafkaError as exc:
             raise _Transient("dlq", f"{type(exc).__name__}: {exc}") from None
         for item in failed:
+            item.dlq_sent = True
             self.metrics.dlq.labels(error_class=item.error_class).inc()
             log_event(log, "sent to DLQ", logging.WARNING, error_class=item.error_class,
                       reason=item.reason[:300], **item.describe())
@@ -412,15 +613,18 @@ class IngestWorker:
         from vidsearch.store import CollectionNotFound, StoreError, StoreUnavailable
 
         upserts, deletes = batch.final_ops()
+        target = batch.target
         try:
             if upserts:
-                self._store.upsert(self.collection, [item.point for item in upserts])
+                self._store.upsert(target.collection, [item.point for item in upserts])
             if deletes:
-                self._store.delete(self.collection, [item.op.video_id for item in deletes])
+                ids = [item.op.video_id for item in deletes]
+                self._store.delete(target.collection, ids)
+                self._delete_from_previous(target, ids)
         except CollectionNotFound as exc:
             # Someone dropped the collection under us: recreate it, then retry the batch.
             try:
-                self._store.ensure_collection(self.collection, self._pool.info.embed_dim, self._pool.info.embed_dim)
+                self._store.ensure_collection(target.collection, target.info.embed_dim, target.info.embed_dim)
             except StoreError:
                 pass
             raise _Transient("store", str(exc)) from None
@@ -436,6 +640,19 @@ class IngestWorker:
         if deletes:
             self.metrics.videos_ingested.labels(op="delete").inc(len(deletes))
         log_event(log, "batch stored", logging.DEBUG, batch=batch.id, upserts=len(upserts), deletes=len(deletes))
+
+    def _delete_from_previous(self, target: EncodeTarget, video_ids: list[str]) -> None:
+        """Deletes also reach the collection written before the last switch: a re-index
+        catching up late writes from it, or a rollback to it, must not bring them back."""
+        from vidsearch.store import CollectionNotFound
+
+        previous = self.previous_collection
+        if previous is None or previous == target.collection:
+            return
+        try:
+            self._store.delete(previous, video_ids)
+        except CollectionNotFound:
+            self.previous_collection = None  # dropped by retention: nothing to keep in step
 
     def _commit(self, batch: Batch) -> None:
         from kafka import TopicPartition

@@ -128,7 +128,9 @@ def _ensure_ray(settings: Settings, cfg: RunConfig) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         cpus = settings.ray.num_cpus or max(os.cpu_count() or 1, cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 1)
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+        # Ray Train's controller polls the state API, which the dashboard serves (loopback only);
+        # without it every poll logs a warning.
+        ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
 
 
 def _run_trainer(cfg: RunConfig, loop_config: dict[str, Any]) -> None:

@@ -55,7 +55,7 @@ import logging
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -116,6 +116,9 @@ class ReindexReport:
     already_live: bool = False
     flipped_at: float | None = None  # time.time() of the alias flip
     seconds: float = 0.0
+
+    def __str__(self) -> str:
+        return self.summary()
 
     def summary(self) -> str:
         if self.already_live:
@@ -266,11 +269,6 @@ class _Redecoder:
 
 
 # --------------------------------------------------------------------------- migration
-
-@dataclass(frozen=True)
-class _Entry:
-    ingested_at: str
-
 
 class _Migration:
     """Converges ``target`` on ``source`` (see the module docstring for the rules)."""
