@@ -158,18 +158,26 @@ def _event_targets(bank: CaptionBank, index: np.ndarray, times: torch.Tensor, rn
     return torch.as_tensor(rows), phrases, torch.stack(inside)
 
 
+def _frozen_batch(features: FrozenFeatures, bank: CaptionBank, plan: BatchPlan, counts: list[int], seed: int,
+                  stage: str, step: int, rank: int, world: int, device: torch.device):
+    """This worker's shard of a step's batch on frozen features: (index, captions, frames, mask, times)."""
+    full = plan.indices(step)
+    choice = plan.captions(step, full, counts)
+    index, picks = _shard(full, rank, world), _shard(choice, rank, world)
+    frames, mask, times = _batch_view(features, seed, stage, step, index)
+    texts = [bank.captions[i][c] for i, c in zip(index, picks)]
+    return index, texts, frames.to(device), mask.to(device), times
+
+
 def teacher_loss(model: VideoTextModel, features: FrozenFeatures, bank: CaptionBank, plan: BatchPlan,
                  config: TeacherStage, seed: int, rank: int, world: int):
     counts = bank.counts()
 
     def loss_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        full = plan.indices(step)
-        choice = plan.captions(step, full, counts)
-        index, picks = _shard(full, rank, world), _shard(choice, rank, world)
-        frames, mask, times = _batch_view(features, seed, "teacher", step, index)
-        frames, mask = frames.to(model.device), mask.to(model.device)
+        index, texts, frames, mask, times = _frozen_batch(features, bank, plan, counts, seed, "teacher", step,
+                                                          rank, world, model.device)
         with torch.no_grad():
-            text = model.encode_text_features([bank.captions[i][c] for i, c in zip(index, picks)])
+            text = model.encode_text_features(texts)
         scores, _ = model.score_matrix(text, frames, mask)
         loss_in = infonce_logits(model.scorer.logit_scale.exp() * scores)
         parts = {"in": float(loss_in.detach())}
@@ -191,15 +199,11 @@ def distill_loss(model: VideoTextModel, teacher: VideoTextModel, features: Froze
                  plan: BatchPlan, config: DistillStage, seed: int, rank: int, world: int, *, distil: bool = True):
     """TeachCLIP's student objective; ``distil=False`` is the non-distilled baseline (IN only)."""
     counts = bank.counts()
-    stage = "distill" if distil else "baseline"
 
     def loss_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        full = plan.indices(step)
-        choice = plan.captions(step, full, counts)
-        index, picks = _shard(full, rank, world), _shard(choice, rank, world)
-        frames, mask, _ = _batch_view(features, seed, "distill", step, index)
-        frames, mask = frames.to(model.device), mask.to(model.device)
-        texts = [bank.captions[i][c] for i, c in zip(index, picks)]
+        # The baseline sees exactly the distilled student's batches ("distill" seeds both).
+        _, texts, frames, mask, _ = _frozen_batch(features, bank, plan, counts, seed, "distill", step,
+                                                  rank, world, model.device)
         with torch.no_grad():
             text = model.encode_text(texts)
         video, weights = model.aggregate_with_weights(frames, mask)
