@@ -105,7 +105,9 @@ def mine_neighbours(model: VideoTextModel, features: FrozenFeatures, bank: Capti
 
 
 def _shard(index: np.ndarray, rank: int, world: int) -> np.ndarray:
-    return index[rank::world] if world > 1 else index
+    # Contiguous shards: BatchPlan puts each anchor next to its hard negatives, and a
+    # worker's InfoNCE only contrasts within its shard, so they must stay together.
+    return np.array_split(index, world)[rank] if world > 1 else index
 
 
 def backbone_loss(model: VideoTextModel, cache: FrameCache, bank: CaptionBank, plan: BatchPlan,
