@@ -68,6 +68,9 @@ class WorkerError(RuntimeError):
     """The worker can't start (no broker, store layout mismatch ...); one-line message."""
 
 
+_UNKNOWN = object()  # the alias has not been looked up yet
+
+
 class _Switch:
     """A move of the live alias the worker is following: the new version is loading."""
 
@@ -135,7 +138,10 @@ class IngestWorker:
         self.previous_collection: str | None = None
         self._switch: _Switch | None = None
         self._switch_backoff = Backoff(settings.ingest.retry_initial_s, settings.ingest.retry_max_s)
-        self._next_alias_check = 0.0
+        # The last collection the alias was seen pointing at (from the alias-watch thread).
+        self._alias_observed: Any = _UNKNOWN
+        self._alias_stop = threading.Event()
+        self._alias_thread: threading.Thread | None = None
         self.switches = 0  # alias moves followed (for tests and the log)
         self._inflight: deque[Batch] = deque()
         self._backoff = Backoff(settings.ingest.retry_initial_s, settings.ingest.retry_max_s)
@@ -185,7 +191,9 @@ class IngestWorker:
             self._store = open_store(settings)
         self.target = self._initial_target()
         self._ensure_collection(first_boot=True)
-        self._next_alias_check = time.monotonic() + settings.serve.alias_poll_s
+        self._alias_observed = self.target.collection
+        self._alias_thread = threading.Thread(target=self._watch_alias, name="alias-watch", daemon=True)
+        self._alias_thread.start()
         self.pipeline = Pipeline(
             self._pool, settings.decode, num_frames=self.target.num_frames,
             resize_to=self.target.resize_to, parallelism=settings.ingest.decode_parallelism,
@@ -338,10 +346,27 @@ class IngestWorker:
             return False
         return True
 
+    def _watch_alias(self) -> None:
+        """Background lookups of the alias, every ``serve.alias_poll_s``.
+
+        A thread of its own, so a store that is down or slow (an embedded actor that is
+        reopening can take many seconds per call) never holds up polling and heartbeats;
+        the poll loop only reads the last answer.
+        """
+        from vidsearch.store import StoreError
+
+        alias = self.settings.store.alias
+        while not self._alias_stop.wait(self.settings.serve.alias_poll_s):
+            try:
+                self._alias_observed = self._store.resolve_alias(alias)
+            except (StoreError, Exception) as exc:  # noqa: BLE001 - the batch writes retry outages
+                log_event(log, "alias check failed", logging.DEBUG, alias=alias, error=str(exc)[:300])
+
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        self._alias_stop.set()
         if self._consumer is not None:
             # Closing revokes the partitions (the listener abandons what is left) and
             # leaves the group at once, so the partitions move without a session timeout.
@@ -398,21 +423,13 @@ class IngestWorker:
         if self._switch is not None:
             self._advance_switch()
             return
-        now = time.monotonic()
-        if now < self._next_alias_check or self._backoff.failures:
-            # Also not while a batch is retrying a failure (e.g. the store is down): the
-            # check would only add calls to a store that is not answering.
-            return
-        self._next_alias_check = now + self.settings.serve.alias_poll_s
-        from vidsearch.store import StoreError, model_version_of
+        from vidsearch.store import model_version_of
 
         alias = self.settings.store.alias
-        try:
-            live = self._store.resolve_alias(alias)
-        except StoreError as exc:
-            # The store write of the next batch retries (and counts) store outages.
-            log_event(log, "alias check failed", logging.DEBUG, alias=alias, error=str(exc)[:300])
+        observed = self._alias_observed
+        if observed is _UNKNOWN:
             return
+        live = observed
         if live is None or live == self.target.collection:
             return
         try:
@@ -458,7 +475,6 @@ class IngestWorker:
         previous, self.target = self.target, target
         self.previous_collection = previous.collection
         self._switch = None
-        self._next_alias_check = time.monotonic() + self.settings.serve.alias_poll_s
         self.switches += 1
         retargeted = 0
         for batch in self._inflight:

@@ -24,7 +24,7 @@ from .config import RunConfig
 from .evaluate import EvalSet, evaluate_model, flatten_metrics, moment_accuracy
 from .frames import open_cache
 from .index_frames import open_feature_cache
-from .runner import StageContext, run_stage
+from .runner import StageContext, load_stage_state, run_stage
 from .stages import (STAGE_IDS, CaptionBank, FrozenFeatures, backbone_loss, distill_loss, encode_cache,
                      mine_neighbours, teacher_loss)
 
@@ -50,6 +50,16 @@ def _clamp_temperatures(model: VideoTextModel) -> None:
     with torch.no_grad():
         model.clip.logit_scale.clamp_(0.0, torch.log(torch.tensor(100.0)).item())
     model.scorer.clamp_temperatures_()
+
+
+def _start_teacher_at_student_temperature(model: VideoTextModel) -> None:
+    """The teacher's score starts as the student's cosine, so it starts at the temperature the
+    backbone learned for it (CLIP's 100 makes an untrained teacher confidently wrong, and Adam
+    moves a log-temperature by only ~lr per step)."""
+    scale = getattr(model.scorer, "logit_scale", None)
+    if isinstance(scale, torch.nn.Parameter) and scale.dim() == 0:
+        with torch.no_grad():
+            scale.copy_(model.clip.logit_scale.detach())
 
 
 def visual_weights_id(model: VideoTextModel) -> str:
@@ -154,6 +164,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     neighbours = merge_neighbours(twins, mined)
 
     if stages.teacher.enabled:
+        if load_stage_state(ctx, "teacher") is None:
+            _start_teacher_at_student_temperature(model)
         params = _set_trainable(model, model.scorer)
         plan = BatchPlan(len(bank.captions), stages.teacher.batch_size, stages.teacher.hard_negatives,
                          neighbours, cfg.seed, STAGE_IDS["teacher"])
