@@ -280,3 +280,28 @@ def test_xclip_heads_must_divide_the_embedding_width():
         build_scorer(ScorerConfig(kind="xclip", layers=1, heads=5, max_frames=8), embed_dim=32, max_text=32)
     scorer = build_scorer(ScorerConfig(kind="xclip", layers=2, heads=4, max_frames=8), embed_dim=32, max_text=32)
     assert len(scorer.temporal.encoder.layers) == 2 and scorer.temporal.max_frames == 8
+
+
+def test_a_head_based_cross_encoder_starts_as_the_dual_encoder():
+    """scorer.base=head: an untrained teacher scores exactly the recall similarity (its heads
+    are zero-initialised), so re-ranking can only add what the joint encoder learns."""
+    from dataclasses import replace
+
+    from vidsearch.models import build_model, load_model_config
+
+    config = load_model_config("tiny-afa")
+    config = replace(config, scorer=replace(config.scorer, base="head"))
+    model = build_model(config, device="cpu", seed=3)
+    torch.manual_seed(0)
+    for param in model.head.parameters():  # a non-trivial head, so head != meanP
+        param.data.normal_(0, 0.2)
+    frames = torch.randn(3, config.num_frames, model.embed_dim)
+    mask = torch.ones(3, config.num_frames, dtype=torch.bool)
+    mask[2, 2:] = False
+    with torch.no_grad():
+        scores, _ = model.score_query("a red circle moves left", frames, mask)
+        recall = model.aggregate(frames, mask) @ model.encode_text(["a red circle moves left"])[0]
+        meanp_scores, _ = build_model(load_model_config("tiny-afa"), device="cpu", seed=3).score_query(
+            "a red circle moves left", frames, mask)
+    assert torch.allclose(scores, recall, atol=1e-5), (scores, recall)
+    assert not torch.allclose(scores, meanp_scores, atol=1e-3)

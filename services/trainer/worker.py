@@ -177,10 +177,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     if stages.distill.enabled:
         if stages.distill.baseline:
             baseline = copy.deepcopy(model)
+        # A frozen copy teaches: with scorer.base=head the teacher's score builds on the head,
+        # which is what distillation moves.
+        teacher = copy.deepcopy(model).eval()
         params = _set_trainable(model, model.head)
         plan = BatchPlan(len(bank.captions), stages.distill.batch_size, stages.distill.hard_negatives,
                          neighbours, cfg.seed, STAGE_IDS["distill"])
-        loss = distill_loss(model, model, features, bank, plan, stages.distill, cfg.seed, rank, world)
+        loss = distill_loss(model, teacher, features, bank, plan, stages.distill, cfg.seed, rank, world)
         logs["distill"] = run_stage("distill", stages.distill, model, params, loss, ctx, after_step=after_step,
                                     evaluate=val_r1("student")).to_dict()
         if baseline is not None:

@@ -17,6 +17,7 @@ PRESET_DIR = Path(__file__).parent / "presets"
 
 HEAD_KINDS = ("meanP", "seqLSTM", "seqTransf", "afa")
 SCORER_KINDS = ("cross", "xclip")
+SCORER_BASES = ("meanP", "head")
 
 
 def _require_int(where: str, value: Any, minimum: int) -> None:
@@ -98,6 +99,10 @@ class ScorerConfig:
     similarity after a temporal transformer over the frames (``layers``, ``heads``;
     it runs at the CLIP embedding width, so ``heads`` must divide it and ``width`` is
     unused). ``max_frames`` bounds the frame position embeddings of either.
+    ``base`` (cross only): what the cross-encoder's score is a residual on: ``meanP``,
+    the cosine of the sentence and the mean frame (CLIP4Clip), or ``head``, the dual
+    encoder's own similarity, so an untrained teacher ranks exactly as recall does and
+    training only adds what the joint encoder sees beyond it.
     """
 
     kind: str = "cross"
@@ -105,9 +110,11 @@ class ScorerConfig:
     heads: int = 8
     width: int | None = None
     max_frames: int = 64
+    base: str = "meanP"
 
     def __post_init__(self) -> None:
         _require_kind("scorer.kind", self.kind, SCORER_KINDS)
+        _require_kind("scorer.base", self.base, SCORER_BASES)
         _require_int("scorer.layers", self.layers, 1)
         _require_int("scorer.heads", self.heads, 1)
         if self.width is not None:

@@ -102,7 +102,10 @@ class CrossEncoderScorer(nn.Module):
         """Clamp the learned log-scale to [0, log 100] in place; call after each optimizer step."""
         self.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
 
-    def forward(self, text: TextFeatures, frames: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, text: TextFeatures, frames: torch.Tensor, mask: torch.Tensor,
+                video: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``video``: the dual encoder's L2-normalised video embeddings [B,D]; when given, the
+        score is a residual on cos(sentence, video) instead of on the mean frame."""
         batch, length = text.mask.shape
         num_frames = frames.shape[1]
         if length > self.max_text:
@@ -111,8 +114,8 @@ class CrossEncoderScorer(nn.Module):
         with _full_precision(frames):
             f = _prepare_frames(frames, mask)
             sentence = text.sentence.float()
-            video = F.normalize(masked_mean(f, mask), dim=-1)
-            base_score = (video * sentence).sum(dim=-1)
+            pooled = F.normalize(masked_mean(f, mask), dim=-1) if video is None else video.float()
+            base_score = (pooled * sentence).sum(dim=-1)
             frame_sentence = torch.einsum("btd,bd->bt", f, sentence)
 
         # The joint encoder is the expensive part and only feeds the zero-initialised

@@ -114,9 +114,16 @@ class VideoTextModel(nn.Module):
         frames, mask = self._frames(frames, mask)
         if len(text) != frames.shape[0]:
             raise ValueError(f"score_pairs: {len(text)} texts for {frames.shape[0]} videos")
+        video = self._base_video(frames, mask)
         with autocast(self.device):
-            scores, relevance = self.scorer(text, frames, mask)
+            scores, relevance = self.scorer(text, frames, mask, **({} if video is None else {"video": video}))
         return scores.float(), relevance.float()
+
+    def _base_video(self, frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+        """The head's video embeddings when the scorer is a residual on them (scorer.base=head)."""
+        if self.config.scorer.kind != "cross" or self.config.scorer.base != "head":
+            return None
+        return self.aggregate(frames, mask)
 
     def score_query(self, text: str, frames: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One query against K candidate videos -> (scores[K], frame_relevance[K,T])."""
@@ -137,10 +144,12 @@ class VideoTextModel(nn.Module):
         text_index = torch.arange(n_text, device=self.device).repeat_interleave(n_video)
         video_index = torch.arange(n_video, device=self.device).repeat(n_text)
         scores, relevance = [], []
+        video = self._base_video(frames, mask)
         with autocast(self.device):
             for start in range(0, n_text * n_video, pair_chunk):
                 ti, vi = text_index[start:start + pair_chunk], video_index[start:start + pair_chunk]
-                s, r = self.scorer(text.select(ti), frames[vi], mask[vi])
+                extra = {} if video is None else {"video": video[vi]}
+                s, r = self.scorer(text.select(ti), frames[vi], mask[vi], **extra)
                 scores.append(s.float())
                 relevance.append(r.float())
         return (torch.cat(scores).view(n_text, n_video),
