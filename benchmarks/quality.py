@@ -103,6 +103,15 @@ def training_dataset(manifest_training: dict, quick: bool) -> Path:
     return root
 
 
+def perturbed_videos(root: Path):
+    from vidsearch.services.trainer.datasets import TrainingVideo
+    from vidsearch.synth import load_manifest
+
+    return [TrainingVideo(video_id=r.video_id, uri=r.uri, captions=tuple(r.captions), split="test",
+                          events=tuple(r.events), hard_negatives=tuple(r.hard_negatives), variant=r.variant)
+            for r in load_manifest(root)]
+
+
 # --------------------------------------------------------------------------- eval
 def eval_set(model, videos, decode, cache_dir: Path, label: str):
     from vidsearch.services.trainer.evaluate import EvalSet
@@ -219,11 +228,18 @@ def main() -> int:
     train_root = training_dataset(manifest.training, args.quick)
     perturbed_root = write_perturbed(CACHE_DIR / f"quality-perturbed-n{args.perturbed_n}", args.perturbed_n, seed=9001)
     sets = {}
-    for name, root, split in (("test", train_root, "test"), ("perturbed", perturbed_root, "test"),
-                              ("train", train_root, "train")):
-        source = DatasetSource(kind="synth", path=str(root))
-        decode = trusting_dataset_root(settings.decode, source)
-        videos = split_videos(load_dataset(source, decode), split)
+    source = DatasetSource(kind="synth", path=str(train_root))
+    decode = trusting_dataset_root(settings.decode, source)
+    trained_on = load_dataset(source, decode)
+    perturbed_source = DatasetSource(kind="synth", path=str(perturbed_root))
+    for name, split in (("test", "test"), ("perturbed", "test"), ("train", "train")):
+        if name == "perturbed":
+            # A test-only set: the loader's "needs a train split" rule is for training.
+            decode = trusting_dataset_root(settings.decode, perturbed_source)
+            videos = perturbed_videos(perturbed_root)
+        else:
+            decode = trusting_dataset_root(settings.decode, source)
+            videos = split_videos(trained_on, split)
         if args.quick:
             videos = videos[:60 if name != "train" else 300]
         sets[name] = eval_set(model, videos, decode, cache_dir, f"{name}-{manifest.version}")
