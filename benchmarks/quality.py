@@ -321,7 +321,7 @@ def write_results(out_dir: Path, manifest, results: dict, args: argparse.Namespa
     lines = ["# Retrieval quality", "", f"Model `{manifest.version}` (frame encoder `{manifest.frame_encoder}`), "
              f"command `{command_line()}`.", ""]
     facts = machine_facts()
-    lines += [f"Machine: {facts.get('cpu', '?')}, {facts.get('cores', '?')} cores; latencies are in-process, "
+    lines += [f"Machine: {facts.get('cpu_model', '?')}, {facts.get('cpu_count', '?')} cores; latencies are in-process, "
               "per query, on this CPU: compare them as ratios.", ""]
     for set_name, title in (("test", "Synthetic test split (twins included)"),
                             ("perturbed", "Perturbed test set (96 px, 12 fps, noise, other shades and backgrounds, "
