@@ -466,11 +466,11 @@ def rollback_targets(settings: Settings, version: str, registry: Any = None) -> 
         try:
             candidates.append(registry.get_manifest(name, version).parent)
         except RegistryError:
-            pass
+            pass  # no readable manifest: no parent to offer, the alias below may still be one
     try:
         candidates.append(registry.get_alias(name, PREVIOUS_ALIAS))
     except RegistryError:
-        pass
+        pass  # no "previous" alias yet (nothing was ever flipped)
     for candidate in candidates:
         if not candidate or candidate == version or candidate in found:
             continue

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from vidsearch.models import VideoTextModel, build_model
+from vidsearch.models.scorers import MAX_LOGIT_SCALE
 from vidsearch.telemetry import configure_logging, log_event
 
 from .batches import BatchPlan, merge_neighbours, twin_neighbours
@@ -48,7 +49,7 @@ def _set_trainable(model: VideoTextModel, *modules: torch.nn.Module) -> list[tor
 
 def _clamp_temperatures(model: VideoTextModel) -> None:
     with torch.no_grad():
-        model.clip.logit_scale.clamp_(0.0, torch.log(torch.tensor(100.0)).item())
+        model.clip.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
     model.scorer.clamp_temperatures_()
 
 
