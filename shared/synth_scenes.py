@@ -95,7 +95,12 @@ class VideoSpec:
 
     def key(self) -> tuple:
         """What a caption can tell apart; two videos in a dataset never share a key."""
-        return tuple((e.shape, e.colour, _caption_size(e), e.action, e.position) for e in self.events)
+        return caption_key(self.events)
+
+
+def caption_key(events: Sequence[Event]) -> tuple:
+    """What a caption of these events can tell apart: equal keys, interchangeable captions."""
+    return tuple((e.shape, e.colour, _caption_size(e), e.action, e.position) for e in events)
 
 
 # ---------------------------------------------------------------- sampling
@@ -334,3 +339,40 @@ def make_captions(rng: np.random.Generator, events: Sequence[Event]) -> tuple[st
         text = templates[index](present, gerunds)
         captions.append(text[0].upper() + text[1:])
     return tuple(captions)
+
+
+# ---------------------------------------------------------------- counterfactual captions
+
+def counterfactual_caption(rng: np.random.Generator, events: Sequence[dict[str, Any]],
+                           reverse_rate: float = 0.2) -> tuple[str, tuple] | None:
+    """A caption that describes a video the events do *not* show: one attribute of one
+    event changed (as a swap twin would be), or, at ``reverse_rate``, the events in the
+    opposite order. Worded with a random paraphrase template, like a real caption.
+
+    Training uses these as text-side hard negatives. Twins in the batch contrast a
+    caption against similar videos; these contrast a video against similar captions,
+    for every video and every step, so attributes that random in-batch negatives seldom
+    test (shape, size, direction) get a gradient as often as colour does.
+
+    Returns (caption, its ``caption_key``): the key lets a caller drop the caption as a
+    negative for a batch video it does describe (the anchor's own twin, say). None when
+    no changed caption is valid (e.g. a single event whose changes all collide).
+    """
+    parsed = tuple(Event.from_dict(e) for e in events)
+    if not parsed:
+        return None
+    changed: tuple[Event, ...] | None = None
+    if len(parsed) > 1 and rng.random() < reverse_rate:
+        changed = reverse_events(parsed)
+    else:
+        swapped = swap_attribute(rng, parsed)
+        changed = swapped[0] if swapped is not None else None
+    if changed is None or len(changed) not in _TEMPLATES:
+        return None
+    captions = make_captions(rng, changed)
+    return captions[int(rng.integers(len(captions)))], caption_key(changed)
+
+
+def events_key(events: Sequence[dict[str, Any]]) -> tuple:
+    """``caption_key`` of events as stored in a manifest (dicts)."""
+    return caption_key(tuple(Event.from_dict(e) for e in events))

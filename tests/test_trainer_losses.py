@@ -107,6 +107,42 @@ def test_symmetric_infonce_scales_cosine_similarities():
         symmetric_infonce(text, video[:3], scale)
 
 
+def test_infonce_extra_negatives_join_only_the_video_to_text_side():
+    # Video j's row over captions is [LOGITS[:, j], extra[j]]; -inf drops a caption for that video.
+    extra = np.array([[1.0, -np.inf], [0.2, 0.4], [-np.inf, -np.inf], [2.0, 3.5]])
+    per_video = []
+    for j in range(4):
+        row = list(LOGITS[:, j]) + [v for v in extra[j] if np.isfinite(v)]
+        per_video.append(-math.log(softmax_list(row)[j]))
+    expected = 0.5 * (row_ce(LOGITS) + sum(per_video) / 4)
+    assert float(infonce_logits(t(LOGITS), t(extra))) == pytest.approx(expected, rel=1e-5)
+    # All-masked extras change nothing.
+    assert float(infonce_logits(t(LOGITS), torch.full((4, 3), float("-inf")))) == pytest.approx(
+        float(infonce_logits(t(LOGITS))), rel=1e-6)
+    with pytest.raises(ValueError, match=r"\[B,E\]"):
+        infonce_logits(t(LOGITS), torch.zeros(3, 2))
+
+
+def test_symmetric_infonce_with_caption_negatives_and_mask():
+    gen = torch.Generator().manual_seed(1)
+    text = F.normalize(torch.randn(3, 5, generator=gen), dim=-1)
+    video = F.normalize(torch.randn(3, 5, generator=gen), dim=-1)
+    negatives = F.normalize(torch.randn(2, 5, generator=gen), dim=-1)
+    valid = torch.tensor([[True, False], [True, True], [False, False]])
+    scale = torch.tensor(math.log(10.0))
+    sims = (text.double() @ video.double().T).numpy() * 10.0
+    extra = (video.double() @ negatives.double().T).numpy() * 10.0
+    per_video = []
+    for j in range(3):
+        row = list(sims[:, j]) + [extra[j, e] for e in range(2) if bool(valid[j, e])]
+        per_video.append(-math.log(softmax_list(row)[j]))
+    expected = 0.5 * (row_ce(sims) + sum(per_video) / 3)
+    got = float(symmetric_infonce(text, video, scale, negatives, valid))
+    assert got == pytest.approx(expected, rel=1e-5)
+    # A hard caption negative raises the loss above the plain one.
+    assert got > float(symmetric_infonce(text, video, scale)) - 1e-6
+
+
 # ---------------------------------------------------------------- CgT
 def test_cgt_loss_is_the_pearson_distance_of_softmax_rows_and_columns():
     student = LOGITS

@@ -58,6 +58,9 @@ class StageBase(_Section):
     warmup_frac: float = Field(0.1, ge=0, lt=1)
     grad_clip: float = Field(1.0, gt=0)
     hard_negatives: int = Field(2, ge=0, le=8, description="hard negatives (twins, mined neighbours) added per anchor")
+    caption_negatives: int = Field(
+        0, ge=0, le=4, description="counterfactual captions per video (one attribute of one event changed, or the "
+        "events reversed) added as negatives on the video->text side; needs event annotations (synthetic data)")
 
 
 class BackboneStage(StageBase):

@@ -11,20 +11,38 @@ import torch.nn.functional as F
 _EPS = 1e-8
 
 
-def infonce_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE of a square [B,B] logit matrix whose diagonal holds the pairs."""
+def infonce_logits(logits: torch.Tensor, video_extra: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE of a square [B,B] (text x video) logit matrix whose diagonal holds the pairs.
+
+    ``video_extra[B,E]``: logits of each video against E extra *negative* captions
+    (counterfactual captions), appended to the video->text direction only; -inf
+    marks a caption that is not a negative for that video.
+    """
     if logits.dim() != 2 or logits.shape[0] != logits.shape[1]:
         raise ValueError(f"logits must be square [B,B], got {tuple(logits.shape)}")
+    if video_extra is not None and (video_extra.dim() != 2 or video_extra.shape[0] != logits.shape[0]):
+        raise ValueError(f"video_extra must be [B,E] with B={logits.shape[0]}, got {tuple(video_extra.shape)}")
     target = torch.arange(logits.shape[0], device=logits.device)
     logits = logits.float()
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    per_video = logits.T if video_extra is None else torch.cat([logits.T, video_extra.float()], dim=1)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(per_video, target))
 
 
-def symmetric_infonce(text: torch.Tensor, video: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """InfoNCE of L2-normalised text[B,D] and video[B,D]; ``logit_scale`` is log(1/temperature)."""
+def symmetric_infonce(text: torch.Tensor, video: torch.Tensor, logit_scale: torch.Tensor,
+                      negatives: torch.Tensor | None = None, negative_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """InfoNCE of L2-normalised text[B,D] and video[B,D]; ``logit_scale`` is log(1/temperature).
+
+    ``negatives[E,D]``: extra negative captions for every video, except where
+    ``negative_mask[B,E]`` is False (a caption that does describe that video)."""
     if text.shape != video.shape or text.dim() != 2:
         raise ValueError(f"text {tuple(text.shape)} and video {tuple(video.shape)} must both be [B,D]")
-    return infonce_logits(logit_scale.exp() * (text.float() @ video.float().T))
+    scale = logit_scale.exp()
+    extra = None
+    if negatives is not None and negatives.shape[0] > 0:
+        extra = scale * (video.float() @ negatives.float().T)
+        if negative_mask is not None:
+            extra = extra.masked_fill(~negative_mask, float("-inf"))
+    return infonce_logits(scale * (text.float() @ video.float().T), extra)
 
 
 def _pearson_distance(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from vidsearch.models import VideoTextModel
+from vidsearch.synth_scenes import counterfactual_caption, events_key
 
 from .augment import make_pixels
 from .batches import BatchPlan, step_rng
@@ -104,6 +105,47 @@ def mine_neighbours(model: VideoTextModel, features: FrozenFeatures, bank: Capti
     return sims.topk(min(count, sims.shape[1] - 1), dim=1).indices.tolist()
 
 
+@dataclass
+class CaptionNegatives:
+    """Counterfactual captions made for a batch's videos (text-side hard negatives)."""
+
+    texts: list[str]
+    owners: torch.Tensor  # [E] the batch row each caption was made from
+    valid: torch.Tensor  # [B,E] False where the caption does describe that batch video
+
+    def extra_logits(self, own: torch.Tensor, batch: int) -> torch.Tensor:
+        """[B,E] logits with each caption scored only against its own video (``own[E]``)."""
+        extra = torch.full((batch, len(self.texts)), float("-inf"), device=own.device)
+        extra[self.owners.to(own.device), torch.arange(len(self.texts), device=own.device)] = own.float()
+        return extra
+
+
+def caption_negatives(bank: CaptionBank, index: np.ndarray, count: int,
+                      rng: np.random.Generator) -> CaptionNegatives | None:
+    """``count`` counterfactual captions per batch video that has events; None when none could be made."""
+    if count <= 0:
+        return None
+    texts, owners, keys = [], [], []
+    for row, video in enumerate(index):
+        for _ in range(count if bank.events[video] else 0):
+            made = counterfactual_caption(rng, bank.events[video])
+            if made is not None:
+                texts.append(made[0])
+                owners.append(row)
+                keys.append(made[1])
+    if not texts:
+        return None
+    # A changed caption can describe another video of the batch (the anchor's swap
+    # twin, which hard negatives put there): it is no negative for that one.
+    video_keys = [events_key(bank.events[v]) if bank.events[v] else None for v in index]
+    valid = torch.tensor([[vk != key for key in keys] for vk in video_keys], dtype=torch.bool)
+    return CaptionNegatives(texts=texts, owners=torch.as_tensor(owners), valid=valid)
+
+
+def _negatives_rng(seed: int, stage: str, step: int, rank: int) -> np.random.Generator:
+    return step_rng(seed, STAGE_IDS[stage], step, 10 + rank)
+
+
 def _shard(index: np.ndarray, rank: int, world: int) -> np.ndarray:
     # Contiguous shards: BatchPlan puts each anchor next to its hard negatives, and a
     # worker's InfoNCE only contrasts within its shard, so they must stay together.
@@ -130,8 +172,13 @@ def backbone_loss(model: VideoTextModel, cache: FrameCache, bank: CaptionBank, p
         b, t = mask.shape
         encoded = model.encode_frames(pixels.flatten(0, 1).to(model.device)).view(b, t, -1)
         video = model.aggregate(encoded, mask)
-        text = model.encode_text([bank.captions[i][c] for i, c in zip(index, picks)])
-        loss = symmetric_infonce(text, video, model.clip.logit_scale)
+        negatives = caption_negatives(bank, index, config.caption_negatives,
+                                      _negatives_rng(seed, "backbone", step, rank))
+        extra_texts = negatives.texts if negatives is not None else []
+        text = model.encode_text([bank.captions[i][c] for i, c in zip(index, picks)] + extra_texts)
+        text, extra = text[:b], text[b:]
+        loss = symmetric_infonce(text, video, model.clip.logit_scale, extra if negatives is not None else None,
+                                 negatives.valid.to(video.device) if negatives is not None else None)
         return loss, {"in": float(loss.detach())}
     return loss_fn
 
@@ -181,7 +228,18 @@ def teacher_loss(model: VideoTextModel, features: FrozenFeatures, bank: CaptionB
         with torch.no_grad():
             text = model.encode_text_features(texts)
         scores, _ = model.score_matrix(text, frames, mask)
-        loss_in = infonce_logits(model.scorer.logit_scale.exp() * scores)
+        scale = model.scorer.logit_scale.exp()
+        extra = None
+        negatives = caption_negatives(bank, index, config.caption_negatives,
+                                      _negatives_rng(seed, "teacher", step, rank))
+        if negatives is not None:
+            # Scored against their own video only: a [B,E] cross-encoder pass would cost E times the batch.
+            with torch.no_grad():
+                changed = model.encode_text_features(negatives.texts)
+            owners = negatives.owners.to(frames.device)
+            own, _ = model.score_pairs(changed, frames[owners], mask[owners])
+            extra = negatives.extra_logits(scale * own, len(texts))
+        loss_in = infonce_logits(scale * scores, extra)
         parts = {"in": float(loss_in.detach())}
         loss = loss_in
         targets = _event_targets(bank, index, times, step_rng(seed, STAGE_IDS["teacher"], step, 4 + rank))
@@ -204,13 +262,21 @@ def distill_loss(model: VideoTextModel, teacher: VideoTextModel, features: Froze
 
     def loss_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         # The baseline sees exactly the distilled student's batches ("distill" seeds both).
-        _, texts, frames, mask, _ = _frozen_batch(features, bank, plan, counts, seed, "distill", step,
-                                                  rank, world, model.device)
+        index, texts, frames, mask, _ = _frozen_batch(features, bank, plan, counts, seed, "distill", step,
+                                                      rank, world, model.device)
         with torch.no_grad():
             text = model.encode_text(texts)
         video, weights = model.aggregate_with_weights(frames, mask)
-        student = model.clip.logit_scale.exp().detach() * (text @ video.T)
-        loss_in = infonce_logits(student)
+        scale = model.clip.logit_scale.exp().detach()
+        student = scale * (text @ video.T)
+        extra = None
+        negatives = caption_negatives(bank, index, config.caption_negatives,
+                                      _negatives_rng(seed, "distill", step, rank))
+        if negatives is not None:
+            with torch.no_grad():
+                changed = model.encode_text(negatives.texts)
+            extra = (scale * (video @ changed.T)).masked_fill(~negatives.valid.to(video.device), float("-inf"))
+        loss_in = infonce_logits(student, extra)
         parts = {"in": float(loss_in.detach())}
         loss = loss_in
         if distil and (config.alpha > 0 or config.gamma > 0):
