@@ -14,11 +14,15 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
 from .telemetry import log_event
+
+if TYPE_CHECKING:
+    from .config import BrokerSettings
 
 log = logging.getLogger(__name__)
 
@@ -30,16 +34,33 @@ class BrokerError(RuntimeError):
     """The broker could not be started, reached or configured."""
 
 
-def _admin(bootstrap: str, timeout_s: float):
+def client_security(broker: "BrokerSettings") -> dict[str, Any]:
+    """kafka-python keyword arguments for the configured security (none for PLAINTEXT):
+    one place, so that the consumer, the producers and topic setup all connect alike."""
+    options: dict[str, Any] = {}
+    if broker.security_protocol == "PLAINTEXT":
+        return options
+    options["security_protocol"] = broker.security_protocol
+    if broker.security_protocol.startswith("SASL_"):
+        options["sasl_mechanism"] = broker.sasl_mechanism
+        options["sasl_plain_username"] = broker.sasl_username
+        options["sasl_plain_password"] = broker.sasl_password.get_secret_value() if broker.sasl_password else None
+    if broker.security_protocol.endswith("SSL") and broker.ssl_cafile:
+        options["ssl_cafile"] = broker.ssl_cafile
+    return options
+
+
+def _admin(bootstrap: str, timeout_s: float, security: Mapping[str, Any] | None = None):
     from kafka.admin import KafkaAdminClient
 
     timeout_ms = int(timeout_s * 1000)
     return KafkaAdminClient(bootstrap_servers=bootstrap, client_id="vidsearch-admin",
-                            request_timeout_ms=timeout_ms, bootstrap_timeout_ms=timeout_ms)
+                            request_timeout_ms=timeout_ms, bootstrap_timeout_ms=timeout_ms, **(security or {}))
 
 
 def ensure_topics(bootstrap: str, topics: Iterable[str], partitions: int,
-                  replication_factor: int = -1, timeout_s: float = 15.0) -> dict[str, int]:
+                  replication_factor: int = -1, timeout_s: float = 15.0,
+                  security: Mapping[str, Any] | None = None) -> dict[str, int]:
     """Create the topics that are missing; return each topic's partition count.
 
     Idempotent: an existing topic is left alone (also when its partition count
@@ -55,7 +76,7 @@ def ensure_topics(bootstrap: str, topics: Iterable[str], partitions: int,
     if partitions < 1:
         raise ValueError(f"partitions must be >= 1, got {partitions}")
     try:
-        admin = _admin(bootstrap, timeout_s)
+        admin = _admin(bootstrap, timeout_s, security)
     except KafkaError as exc:
         raise BrokerError(f"cannot reach Kafka at {bootstrap}: {exc}") from exc
     try:
@@ -97,7 +118,7 @@ class EmbeddedBroker:
 
     def __init__(self, partitions: int = 4, topics: Iterable[str] | None = None,
                  startup_timeout_s: float = 20.0, stop_grace_s: float = 5.0,
-                 binary: str | os.PathLike | None = None) -> None:
+                 binary: str | os.PathLike | None = None, host: str = "127.0.0.1") -> None:
         if partitions < 1:
             raise ValueError(f"partitions must be >= 1, got {partitions}")
         if topics is None:
@@ -110,6 +131,11 @@ class EmbeddedBroker:
         self.startup_timeout_s = startup_timeout_s
         self.stop_grace_s = stop_grace_s
         self._binary = binary
+        # Where it listens (broker.embedded_host); a wildcard listens everywhere and
+        # advertises this machine's name, which other machines can resolve.
+        self.host = host
+        self._advertised = socket.getfqdn() if host in ("0.0.0.0", "::") else host
+        self._probe_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         self._proc: subprocess.Popen | None = None
         self._log_path: Path | None = None
         self.port: int | None = None
@@ -118,7 +144,7 @@ class EmbeddedBroker:
     def bootstrap(self) -> str:
         if self.port is None or not self.running:
             raise BrokerError("embedded broker is not running")
-        return f"127.0.0.1:{self.port}"
+        return f"{self._probe_host}:{self.port}"
 
     @property
     def running(self) -> bool:
@@ -148,13 +174,14 @@ class EmbeddedBroker:
             self.port = _free_port()
             fd, log_name = tempfile.mkstemp(prefix="vidsearch-tansu-", suffix=".log")
             self._log_path = Path(log_name)
-            url = f"tcp://127.0.0.1:{self.port}"
+            url = f"tcp://{self.host}:{self.port}"
+            advertised = f"tcp://{self._advertised}:{self.port}"
             # Output goes to a file, not a pipe: nobody drains a pipe while the broker
             # runs, and a full pipe would block it.
             with os.fdopen(fd, "wb") as log_file:
                 try:
                     self._proc = subprocess.Popen(
-                        [binary, "broker", "--listener-url", url, "--advertised-listener-url", url],
+                        [binary, "broker", "--listener-url", url, "--advertised-listener-url", advertised],
                         stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
                 except OSError as exc:
                     raise BrokerError(f"cannot run broker binary {binary}: {exc}") from exc
@@ -179,7 +206,7 @@ class EmbeddedBroker:
     def _wait_ready(self) -> None:
         from kafka.errors import KafkaError
 
-        bootstrap = f"127.0.0.1:{self.port}"
+        bootstrap = f"{self._probe_host}:{self.port}"
         deadline = time.monotonic() + self.startup_timeout_s
         while True:
             if self._proc.poll() is not None:
@@ -192,7 +219,7 @@ class EmbeddedBroker:
             # A plain TCP probe first: cheap, and it keeps kafka-python's reconnect
             # backoff (which grows to many seconds) out of the startup path.
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=min(left, 1.0)).close()
+                socket.create_connection((self._probe_host, self.port), timeout=min(left, 1.0)).close()
             except OSError:
                 time.sleep(0.05)
                 continue

@@ -20,9 +20,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("vidsearch.config_cli", "print the effective settings (secrets masked)"),
     "ingest": ("vidsearch.services.ingest.producer_cli", "queue video files, a manifest or deletes for ingestion"),
     "ingest-worker": ("vidsearch.services.ingest.worker_cli", "consume the ingest topic: decode, encode, store"),
+    "dlq": ("vidsearch.services.ingest.dlq_cli", "list dead-letter records (filtered) and replay them once fixed"),
     "serve": ("vidsearch.services.query.serve_cli", "deploy the gRPC search service (ingress + reranker) to Ray Serve"),
     "search": ("vidsearch.services.query.search_cli", "search the running service and print the results"),
     "up": ("vidsearch.services.stack.up_cli", "run the whole stack on this machine (broker, store, Ray, worker, Serve)"),
+    "status": ("vidsearch.services.stack.status_cli", "the running stack: live index, points, lag, DLQ, health"),
     "demo": ("vidsearch.services.stack.demo_cli", "synthetic videos -> local stack -> Kafka ingest -> example searches"),
     "train": ("vidsearch.services.trainer.train_cli", "train, distil, evaluate, gate and publish a model version"),
     "models": ("vidsearch.services.trainer.models_cli", "list and show model versions; roll production back"),
@@ -30,6 +32,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 EXIT_USAGE = 2
+# Commands that find a running `vidsearch up` (stack.state_file) when no endpoint is set.
+ATTACHING_COMMANDS = frozenset({"ingest", "ingest-worker", "search", "status", "dlq"})
+QUIET_COMMANDS = frozenset({"ingest", "search", "status", "dlq", "config"})
 
 
 class CommandError(Exception):
@@ -43,7 +48,8 @@ class CommandError(Exception):
 def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     parser = argparse.ArgumentParser(prog="vidsearch", description="Distributed text-to-video retrieval.")
     parser.add_argument("--config", help="YAML settings file (also VIDSEARCH_CONFIG)")
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    parser.add_argument("--log-level", default=None,
+                        help="DEBUG, INFO, WARNING, ERROR (default INFO; WARNING for the client commands)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
         # -h is added after configure(): otherwise the first, partial parse in main()
@@ -65,9 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from vidsearch.telemetry import configure_logging
 
-    configure_logging(args.log_level)
+    # Client commands print their own answer; progress logs would only bury it.
+    configure_logging(args.log_level or ("WARNING" if head.command in QUIET_COMMANDS else "INFO"))
     try:
         settings = load_settings(args.config)
+        if head.command in ATTACHING_COMMANDS:
+            from vidsearch.stack_state import attach
+
+            settings, _ = attach(settings, args.config)
         return int(module.run(args, settings) or 0)
     except ConfigError as exc:
         print(f"vidsearch: {exc}", file=sys.stderr)
@@ -78,6 +89,43 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"vidsearch {head.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - only connection failures become one line
+        hint = connection_hint(exc)
+        if hint is None:
+            raise
+        print(f"vidsearch {head.command}: {hint}", file=sys.stderr)
+        return 1
+
+
+def connection_hint(exc: BaseException) -> str | None:
+    """One line for a failure to reach or authenticate to Ray or Kafka, naming what to
+    set; None for anything else (a bug keeps its traceback)."""
+    import os
+
+    names = {type(e).__name__ for e in _chain(exc)}
+    text = " ".join(str(e) for e in _chain(exc))
+    if names & {"AuthenticationError", "InvalidAuthToken"} or "InvalidAuthToken" in text \
+            or "authentication token" in text.lower():
+        mode = os.environ.get("RAY_AUTH_MODE", "unset")
+        return (f"Ray at {os.environ.get('RAY_ADDRESS', 'the configured address')} refused the connection "
+                f"(token authentication; RAY_AUTH_MODE is {mode}): set RAY_AUTH_MODE=token and make the "
+                "cluster's token available (~/.ray/auth_token or RAY_AUTH_TOKEN), "
+                "or run `eval \"$(vidsearch up --print-env)\"`")
+    if names & {"NoBrokersAvailable", "KafkaConnectionError"}:
+        return ("cannot reach the Kafka broker: set KAFKA_BOOTSTRAP (broker.bootstrap) to a running broker, "
+                "or start `vidsearch up`")
+    if "ConnectionError" in names and "ray" in text.lower() or "Failed to connect to GCS" in text:
+        return (f"cannot reach Ray at {os.environ.get('RAY_ADDRESS', 'ray.address')}: set RAY_ADDRESS "
+                "(ray.address) to a running cluster, or start `vidsearch up`")
+    return None
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    while exc is not None and exc not in seen and len(seen) < 10:
+        seen.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return seen
 
 
 if __name__ == "__main__":

@@ -49,6 +49,25 @@ class BrokerSettings(_Section):
     heartbeat_interval_ms: int = Field(1000, ge=100, description='consumer heartbeat interval')
     max_poll_interval_ms: int = Field(300_000, ge=1000, description='max time between polls before the group evicts a worker')
     max_poll_records: int = Field(32, ge=1, description='records per poll, i.e. the largest ingest batch')
+    embedded_host: str = Field("127.0.0.1", min_length=1, description="address the embedded broker listens on (loopback by default)")
+    max_request_bytes: int = Field(1_048_576, ge=16_384, description="largest produce request the clients send "
+                                   "(kafka max_request_size); DLQ records are built to fit it")
+    # Security of an external Kafka (the Helm chart sets these from a Secret); every
+    # client (worker consumer and DLQ producer, `vidsearch ingest`, topic setup) uses them.
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="Kafka security protocol: PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL")
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
+        "SCRAM-SHA-512", description="SASL mechanism with a SASL_* protocol: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512")
+    sasl_username: str | None = Field(None, description="SASL username (required with SASL_*)")
+    sasl_password: SecretStr | None = Field(None, description="SASL password (from the environment or a secret, never a file in git)")
+    ssl_cafile: str | None = Field(None, description="CA certificate (PEM file) of the brokers for SSL/SASL_SSL; unset = system CAs")
+
+    @model_validator(mode="after")
+    def _sasl_credentials(self) -> "BrokerSettings":
+        if self.security_protocol.startswith("SASL_") and not (self.sasl_username and self.sasl_password):
+            raise ValueError(f"security_protocol {self.security_protocol} needs broker.sasl_username and "
+                             "broker.sasl_password")
+        return self
 
 
 class StoreSettings(_Section):
@@ -118,12 +137,34 @@ class IngestSettings(_Section):
     retry_initial_s: float = Field(0.5, gt=0, description='first backoff after a transient failure')
     retry_max_s: float = Field(30.0, gt=0, description='backoff cap')
     metrics_port: int = Field(9108, ge=0, le=65535, description="Prometheus port; 0 = off")
+    metrics_host: str = Field("127.0.0.1", min_length=1, description="address the Prometheus endpoint listens on (0.0.0.0 = every interface)")
     log_summary_interval_s: float = Field(30.0, gt=0, description='how often the worker logs a metrics summary')
     shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, time to finish in-flight batches")
+    dlq_value_bytes: int = Field(65_536, ge=0, description="first bytes of a bad message kept in its DLQ record "
+                                 "(size and sha256 of the whole value are always kept)")
+    publish_timeout_s: float = Field(10.0, gt=0, description="how long one DLQ publish or offset commit may wait for the broker")
+    stall_after_s: float = Field(120.0, gt=0, description="a partition with work and no commit for this long is "
+                                 "reported stalled (log + vidsearch_ingest_partition_stalled)")
+
+
+class MessageSettings(_Section):
+    """Limits on one ingest message; anything outside them goes to the DLQ as bad_message
+    naming the limit. They bound what a stored point (and so a search response) can hold."""
+
+    max_bytes: int = Field(1_048_576, ge=256, description="largest ingest message value (bytes)")
+    max_metadata_bytes: int = Field(16_384, ge=2, description="largest metadata object (bytes of compact JSON)")
+    max_metadata_depth: int = Field(8, ge=1, le=32, description="deepest nesting of objects/arrays in metadata "
+                                    "(the metadata object itself is level 1)")
+    max_metadata_keys: int = Field(256, ge=1, description="object keys in metadata, all levels together")
+    max_metadata_items: int = Field(1024, ge=1, description="array elements in metadata, all levels together")
+    max_string_chars: int = Field(4096, ge=16, description="longest string in metadata (keys and values) and uri")
+    max_integer: int = Field(2**53 - 1, ge=1, le=2**63 - 1, description="largest integer magnitude in metadata "
+                             "(2^53-1: JSON clients read numbers as doubles); send bigger ones as strings")
 
 
 class ServeSettings(_Section):
     grpc_port: int = Field(50051, ge=1, le=65535, description='gRPC port of the search service')
+    grpc_host: str = Field("127.0.0.1", min_length=1, description="address the gRPC proxy listens on when vidsearch starts Ray (0.0.0.0 = every interface)")
     app_name: str = Field("vidsearch", description='Serve application of the query ingress (gRPC `application` metadata)')
     api_key: SecretStr | None = Field(None, description='when set, clients must send `authorization: Bearer <key>`')
     default_top_k: int = Field(10, ge=1, le=100, description='results per query when the request leaves top_k at 0')
@@ -138,11 +179,24 @@ class ServeSettings(_Section):
     text_batch_size: int = Field(32, ge=1, description="max queries per text-encoding batch")
     rerank_batch_size: int = Field(16, ge=1, description="max requests per reranker batch")
     batch_wait_s: float = Field(0.005, ge=0, description="how long a batch waits to fill")
+    max_payload_bytes: int = Field(1024 * 1024, ge=1024, description="largest encoded payload of one result; a larger stored payload is cut down for that result (payload_notice)")
+    max_response_bytes: int = Field(3584 * 1024, ge=64 * 1024, description="largest Search/GetVideo answer (under the 4 MiB default gRPC receive limit); the largest payloads are cut until it fits")
+    http_port: int = Field(8000, ge=1, le=65535, description="HTTP port (on 127.0.0.1) of the search page and its JSON API")
+    web_enabled: bool = Field(True, description="deploy the search page application with the search service")
+    web_app_name: str = Field("vidsearch-web", description="Serve application of the search page (HTTP route /)")
+    thumb_cache_entries: int = Field(512, ge=0, description="JPEG thumbnails the search page keeps in memory per replica")
 
 
 class RaySettings(_Section):
     address: str | None = Field(None, description="Ray cluster address; unset = local Ray")
     num_cpus: int | None = Field(None, ge=1, description='CPUs of a local Ray (unset = all)')
+    node_ip: str = Field("127.0.0.1", min_length=1, description="address a local Ray binds and advertises (loopback by default)")
+
+
+class StackSettings(_Section):
+    state_file: str = Field("~/.vidsearch/stack.json", description="where `vidsearch up` writes its endpoints; other commands read it to find the running stack")
+    worker_restart_initial_s: float = Field(1.0, gt=0, description="first wait before `vidsearch up` restarts a dead ingest worker")
+    worker_restart_max_s: float = Field(60.0, gt=0, description="longest wait between worker restarts (backoff cap)")
 
 
 class Settings(_Section):
@@ -151,13 +205,17 @@ class Settings(_Section):
     decode: DecodeSettings = DecodeSettings()
     model: ModelSettings = ModelSettings()
     ingest: IngestSettings = IngestSettings()
+    messages: MessageSettings = MessageSettings()
     serve: ServeSettings = ServeSettings()
     ray: RaySettings = RaySettings()
+    stack: StackSettings = StackSettings()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Settings":
         if self.serve.default_recall_k < self.serve.default_top_k:
             raise ValueError("serve.default_recall_k must be >= serve.default_top_k")
+        if self.serve.max_payload_bytes > self.serve.max_response_bytes:
+            raise ValueError("serve.max_payload_bytes must be <= serve.max_response_bytes")
         return self
 
     def dump(self) -> dict[str, Any]:
@@ -189,7 +247,8 @@ def _env_overrides(env: Mapping[str, str]) -> dict:
         section, _, key = name[len(ENV_PREFIX):].lower().partition("__")
         if section not in Settings.model_fields:
             raise ConfigError(f"{name}: unknown settings section '{section}'")
-        value = raw if key in ("bootstrap", "url", "address", "api_key", "path") else _parse_env_value(raw)
+        value = (raw if key in ("bootstrap", "url", "address", "api_key", "path", "sasl_username", "sasl_password",
+                                "ssl_cafile") else _parse_env_value(raw))
         _set_nested(tree, section, key, value)
     return tree
 

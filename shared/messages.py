@@ -12,12 +12,13 @@ partition.
 """
 from __future__ import annotations
 
-import base64
 import json
+import math
 import unicodedata
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any, Union
+
+from .config import MessageSettings
 
 # Error classes a parse failure can have (the DLQ record's ``error_class``).
 BAD_JSON = "bad_json"
@@ -25,6 +26,7 @@ BAD_MESSAGE = "bad_message"
 UNKNOWN_OP = "unknown_op"
 
 OPS = ("upsert", "delete")
+_DEFAULT_LIMITS = MessageSettings()
 # Long enough for any natural key (paths, URLs hashed or not); short enough for logs,
 # Kafka keys and payload indexes.
 MAX_VIDEO_ID_CHARS = 256
@@ -100,15 +102,22 @@ def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def parse_ingest_message(value: bytes | None, key: bytes | None = None) -> IngestOp:
+def parse_ingest_message(value: bytes | None, key: bytes | None = None,
+                         limits: MessageSettings | None = None) -> IngestOp:
     """Parse one Kafka record value (and optional key) into an op.
 
     Raises MessageError with error_class ``bad_json`` (not UTF-8 JSON), ``bad_message``
-    (wrong shape, missing or wrong-typed field, bad video_id, key mismatch) or
+    (wrong shape, missing or wrong-typed field, bad video_id, key mismatch, or outside
+    one of ``limits``, which the reason names; default: the default settings) or
     ``unknown_op``.
     """
+    limits = limits or _DEFAULT_LIMITS
     if value is None:
         raise MessageError(BAD_MESSAGE, "message has no value (tombstone)")
+    if len(value) > limits.max_bytes:
+        # Checked before decoding: nothing of a huge value is parsed or kept in memory twice.
+        raise MessageError(BAD_MESSAGE, f"message is {len(value)} bytes, over the limit "
+                                        f"messages.max_bytes={limits.max_bytes}")
     try:
         text = bytes(value).decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -141,9 +150,95 @@ def parse_ingest_message(value: bytes | None, key: bytes | None = None) -> Inges
         raise MessageError(BAD_MESSAGE, "missing field 'uri'")
     if not isinstance(body["uri"], str):
         raise MessageError(BAD_MESSAGE, f"uri must be a string, got {_json_type(body['uri'])}")
+    check_uri_text(body["uri"], limits)
     # metadata is optional, but when present it must be an object: a list or string
     # here is a producer bug, and guessing would store the wrong thing.
-    return UpsertOp(video_id, body["uri"], body.get("metadata", {}))
+    op = UpsertOp(video_id, body["uri"], body.get("metadata", {}))
+    check_metadata(op.metadata, limits)
+    return op
+
+
+def check_uri_text(uri: str, limits: MessageSettings | None = None) -> None:
+    """The uri as text: within ``max_string_chars`` and valid Unicode (MessageError otherwise)."""
+    limits = limits or _DEFAULT_LIMITS
+    if len(uri) > limits.max_string_chars:
+        raise MessageError(BAD_MESSAGE, f"uri is {len(uri)} characters, over the limit "
+                                        f"messages.max_string_chars={limits.max_string_chars}")
+    if _has_surrogate(uri):
+        raise MessageError(BAD_MESSAGE, "uri is not valid Unicode (a lone surrogate escape)")
+
+
+def _has_surrogate(text: str) -> bool:
+    # JSON may spell a lone UTF-16 surrogate ("\ud800"); it can't be encoded as UTF-8,
+    # so neither the store, protobuf nor a client could ever read it back.
+    try:
+        text.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
+def check_metadata(metadata: dict[str, Any], limits: MessageSettings | None = None) -> None:
+    """Raise MessageError(bad_message) naming the limit when ``metadata`` is outside one.
+
+    Walks iteratively (no recursion limit to hit) and stops at the first problem, so a
+    hostile message costs at most one pass over its parsed value.
+    """
+    limits = limits or _DEFAULT_LIMITS
+    keys = items = 0
+    stack: list[tuple[Any, int, str]] = [(metadata, 1, "metadata")]
+    while stack:
+        value, depth, where = stack.pop()
+        if isinstance(value, (dict, list)) and depth > limits.max_metadata_depth:
+            raise _limit(f"{_short(where)} is nested {depth} levels deep", "max_metadata_depth",
+                         limits.max_metadata_depth)
+        if isinstance(value, dict):
+            keys += len(value)
+            if keys > limits.max_metadata_keys:
+                raise _limit(f"metadata has more than {limits.max_metadata_keys} keys", "max_metadata_keys",
+                             limits.max_metadata_keys)
+            for name, child in value.items():
+                _check_string(name, f"key in {_short(where)}", limits)
+                stack.append((child, depth + 1, f"{where}.{name}"))
+        elif isinstance(value, list):
+            items += len(value)
+            if items > limits.max_metadata_items:
+                raise _limit(f"metadata has more than {limits.max_metadata_items} array elements",
+                             "max_metadata_items", limits.max_metadata_items)
+            stack.extend((child, depth + 1, f"{where}[{i}]") for i, child in enumerate(value))
+        elif isinstance(value, str):
+            _check_string(value, _short(where), limits)
+        elif isinstance(value, bool) or value is None:
+            continue
+        elif isinstance(value, int):
+            if abs(value) > limits.max_integer:
+                raise _limit(f"{_short(where)} is an integer of {len(str(abs(value)))} digits "
+                             "(send it as a string)", "max_integer", limits.max_integer)
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                raise MessageError(BAD_MESSAGE, f"{_short(where)} is a number out of the double range")
+        else:  # only reachable for metadata built in code, not parsed from JSON
+            raise MessageError(BAD_MESSAGE, f"{_short(where)} is a {type(value).__name__}, not a JSON value")
+    size = len(json.dumps(metadata, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+    if size > limits.max_metadata_bytes:
+        raise _limit(f"metadata is {size} bytes", "max_metadata_bytes", limits.max_metadata_bytes)
+
+
+def _check_string(text: object, where: str, limits: MessageSettings) -> None:
+    if not isinstance(text, str):
+        raise MessageError(BAD_MESSAGE, f"{where}: object keys must be strings")
+    if len(text) > limits.max_string_chars:
+        raise _limit(f"string {where} is {len(text)} characters", "max_string_chars", limits.max_string_chars)
+    if _has_surrogate(text):
+        raise MessageError(BAD_MESSAGE, f"string {where} is not valid Unicode (a lone surrogate escape)")
+
+
+def _limit(what: str, setting: str, value: int) -> MessageError:
+    return MessageError(BAD_MESSAGE, f"{what}, over the limit messages.{setting}={value}")
+
+
+def _short(where: str, limit: int = 120) -> str:
+    return where if len(where) <= limit else where[: limit - 3] + "..."
 
 
 def _check_key(key: bytes, video_id: str) -> None:
@@ -172,36 +267,5 @@ def encode_ingest_message(op: IngestOp) -> tuple[bytes, bytes]:
     return op.video_id.encode("utf-8"), value.encode("utf-8")
 
 
-def _bytes_field(raw: bytes | None) -> dict[str, str | None]:
-    # Text when it is UTF-8 so an operator can read the DLQ with kcat; base64 otherwise
-    # so that nothing is lost and the message can be replayed byte for byte.
-    if raw is None:
-        return {"encoding": None, "data": None}
-    raw = bytes(raw)
-    try:
-        return {"encoding": "utf-8", "data": raw.decode("utf-8")}
-    except UnicodeDecodeError:
-        return {"encoding": "base64", "data": base64.b64encode(raw).decode("ascii")}
-
-
-def decode_dlq_bytes(field_value: dict[str, str | None]) -> bytes | None:
-    """Inverse of the DLQ ``value``/``key`` encoding: the original bytes (for replay)."""
-    if field_value.get("data") is None:
-        return None
-    if field_value.get("encoding") == "base64":
-        return base64.b64decode(field_value["data"])
-    return str(field_value["data"]).encode("utf-8")
-
-
-def dlq_record(original_value: bytes | None, original_key: bytes | None, topic: str,
-               partition: int, offset: int, error_class: str, reason: str) -> bytes:
-    """JSON bytes for ``videos.ingest.dlq``: the original message, why it failed, where from."""
-    record = {
-        "error_class": error_class,
-        "reason": reason,
-        "value": _bytes_field(original_value),
-        "key": _bytes_field(original_key),
-        "source": {"topic": topic, "partition": int(partition), "offset": int(offset)},
-        "failed_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-    }
-    return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+# The DLQ record lives in dlq.py; these names stay importable from here.
+from .dlq import decode_dlq_bytes, dlq_record  # noqa: E402,F401

@@ -26,6 +26,7 @@ import numpy as np
 
 from .config import ConfigError, StoreSettings
 from .messages import MessageError, check_video_id
+from .uris import public_uri
 
 ALIAS: str = StoreSettings().alias
 COLLECTION_SEP = "__"
@@ -51,6 +52,9 @@ SYSTEM_FIELDS: dict[str, FieldType] = {
     "model_version": "keyword",
 }
 MAX_ANY_VALUES = 1024
+# Where a point keeps its full source uri when that holds credentials (user-info, a
+# query string): read only to re-decode the video, never returned to a client.
+SOURCE_URI_FIELD = "source_uri"
 
 
 # --------------------------------------------------------------------------- names, ids
@@ -115,9 +119,15 @@ def build_payload(video_id: str, uri: str, metadata: Mapping[str, Any], frame_ti
     except (TypeError, ValueError) as exc:
         raise ValueError(f"metadata is not JSON-serialisable: {exc}") from None
     timestamps = [_finite_non_negative("frame timestamp", t) for t in np.asarray(frame_timestamps).tolist()]
+    shown = public_uri(uri)
+    # Credentials (user-info, a presigned query) never go where responses read: `uri`
+    # is the public form, and the full one is kept apart only when it differs, for
+    # re-decoding (the query service never returns SOURCE_URI_FIELD).
+    private = {SOURCE_URI_FIELD: uri} if shown != uri else {}
     return {
         "video_id": video_id,
-        "uri": uri,
+        "uri": shown,
+        **private,
         "metadata": metadata,
         "frame_timestamps": timestamps,
         "duration_s": _finite_non_negative("duration_s", duration_s),
@@ -125,6 +135,11 @@ def build_payload(video_id: str, uri: str, metadata: Mapping[str, Any], frame_ti
         "frame_encoder": frame_encoder,
         "model_version": model_version,
     }
+
+
+def source_uri(payload: Mapping[str, Any]) -> str:
+    """The uri to decode a stored video from again (the full one when it was kept apart)."""
+    return str(payload.get(SOURCE_URI_FIELD) or payload.get("uri") or "")
 
 
 def as_vector(name: str, value: object, ndim: int) -> np.ndarray:

@@ -32,6 +32,9 @@ class KeyValueFormatter(logging.Formatter):
         return out
 
 
+NOISY_LOGGERS = ("kafka", "urllib3", "httpx")
+
+
 def configure_logging(level: str = "INFO") -> None:
     handler = logging.StreamHandler()
     fmt = os.environ.get("VIDSEARCH_LOG_FORMAT", "text")
@@ -39,6 +42,10 @@ def configure_logging(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Client libraries narrate every connection at INFO ("<BrokerConnection ...>
+    # connecting"); they speak up at WARNING unless the user asked for DEBUG.
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if level.upper() == "DEBUG" else logging.WARNING)
 
 
 def log_event(logger: logging.Logger, msg: str, level: int = logging.INFO, **fields) -> None:

@@ -189,6 +189,17 @@ def redact_uri(uri: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def public_uri(uri: str) -> str:
+    """``uri`` as a client may see it: a url without user:password, query or fragment
+    (where presigned urls and tokens live). Plain paths are returned unchanged."""
+    text = str(uri)
+    if not _SCHEME_RE.match(text):
+        return text
+    parts = urlsplit(text)
+    host = parts.netloc.rpartition("@")[2]
+    return f"{parts.scheme}://{host}{parts.path}" if "://" in text else f"{parts.scheme}:{parts.path}"
+
+
 def resolve_uri(uri: str, settings: DecodeSettings) -> ResolvedURI:
     """Validate ``uri`` against ``settings.allowed_schemes`` and ``allowed_prefixes``.
 
@@ -337,6 +348,6 @@ def _outage_behind(exc: BaseException) -> bool:
 
 __all__ = [
     "KNOWN_SCHEMES", "GuardedReader", "NoVideoStream", "NotAllowed", "ResolvedURI", "TooLarge",
-    "Undecodable", "UnsupportedURI", "VideoError", "VideoNotFound", "as_storage_error", "redact_uri",
+    "Undecodable", "UnsupportedURI", "VideoError", "VideoNotFound", "as_storage_error", "public_uri", "redact_uri",
     "resolve_uri",
 ]

@@ -96,6 +96,21 @@ def decode_video(
         source.close()
 
 
+def probe_video(uri: str, settings: DecodeSettings) -> None:
+    """Check ``uri`` against the allowlist and every decode limit without decoding a frame
+    (the container header only): what the ingest CLI does before publishing anything.
+
+    Raises the VideoError that decoding it would raise (NotAllowed, TooLarge ...).
+    """
+    source = _Source(resolve_uri(uri, settings), settings)
+    try:
+        with _translated_errors(source):
+            source.open()
+            _check_limits(_read_metadata(source.container, source.stream), settings, source.uri)
+    finally:
+        source.close()
+
+
 def _frame_budget(settings: DecodeSettings, num_frames: int | None) -> int:
     if num_frames is None:
         return settings.num_frames if settings.sampling == "uniform" else settings.max_frames
@@ -505,7 +520,41 @@ def _sample(source: _Source, meta: _Meta, targets: list[float],
     return picked, cursor.seeks
 
 
+def decode_frame_at(uri: str, settings: DecodeSettings, at_s: float, *,
+                    max_short_side: int | None = None) -> DecodedVideo:
+    """The one frame on screen ``at_s`` seconds into the video (a thumbnail, a preview).
+
+    The same gate, limits and seeking as :func:`decode_video`; a time past the end
+    gives the last frame. ``max_short_side`` scales the frame down (never up) so
+    its shorter side is at most that many pixels. Raises like ``decode_video``.
+    """
+    if isinstance(at_s, bool) or not isinstance(at_s, (int, float)) or not math.isfinite(at_s) or at_s < 0:
+        raise ValueError(f"at_s must be a finite number of seconds >= 0, got {at_s!r}")
+    if max_short_side is not None and (isinstance(max_short_side, bool) or not isinstance(max_short_side, int)
+                                       or max_short_side < 1):
+        raise ValueError(f"max_short_side must be a positive int, got {max_short_side!r}")
+    source = _Source(resolve_uri(uri, settings), settings)
+    try:
+        with _translated_errors(source):
+            source.open()
+            meta = _read_metadata(source.container, source.stream)
+            _check_limits(meta, settings, source.uri)
+            if meta.duration_s is None or _duration_doubtful(source.stream, meta):
+                meta.duration_s = _probe_duration(source, meta)
+                source.reopen()
+            short = min(meta.width, meta.height)
+            resize_to = max_short_side if max_short_side is not None and short > max_short_side else None
+            picked, seeks = _sample(source, meta, [meta.origin_s + float(at_s)], resize_to)
+            (time,) = picked
+            return DecodedVideo(
+                frames=picked[time][None], timestamps=np.array([max(time - meta.origin_s, 0.0)], np.float32),
+                duration_s=float(meta.duration_s), width=meta.width, height=meta.height, fps=meta.fps,
+                source_bytes=source.reader.size, codec=source.stream.codec_context.name, seeks=seeks)
+    finally:
+        source.close()
+
+
 __all__ = [
     "DecodedVideo", "NoVideoStream", "NotAllowed", "TooLarge", "Undecodable", "UnsupportedURI",
-    "VideoError", "VideoNotFound", "decode_video",
+    "VideoError", "VideoNotFound", "decode_frame_at", "decode_video", "probe_video",
 ]

@@ -3,12 +3,16 @@ session and shared, because each takes seconds to start on a 2-core machine."""
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
 # Keep every test off any cluster or server the developer happens to have configured.
 for _var in ("RAY_ADDRESS", "KAFKA_BOOTSTRAP", "QDRANT_URL", "QDRANT_API_KEY", "VIDSEARCH_CONFIG", "VIDSEARCH_API_KEY"):
     os.environ.pop(_var, None)
+# ... and off a `vidsearch up` the developer is running: commands find one through its
+# state file (stack.state_file), so the tests get an empty location of their own.
+os.environ["VIDSEARCH_STACK__STATE_FILE"] = os.path.join(tempfile.mkdtemp(prefix="vidsearch-tests-"), "stack.json")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # No hub is reachable here: fail a pretrained-tag download at once instead of retrying.

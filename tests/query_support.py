@@ -65,7 +65,9 @@ def base_settings(*, bootstrap: str, store_path: Path, video_root: Path, registr
                     "reranker_app_name": f"vidsearch-reranker-{suffix}", "alias_poll_s": 0.5,
                     # Generous: the first requests on a busy 2-core machine may be slow, and a
                     # missed rerank deadline would make reranked=false where a test expects true.
-                    "default_deadline_s": 60.0, "batch_wait_s": 0.02, **serve}
+                    "default_deadline_s": 60.0, "batch_wait_s": 0.02,
+                    # The search page is deployed only by the tests that use it (tests/test_web_*.py).
+                    "web_enabled": False, **serve}
     return Settings(
         broker=BrokerSettings(bootstrap=bootstrap, ingest_topic=f"query-ingest-{suffix}",
                               dlq_topic=f"query-dlq-{suffix}", consumer_group=f"query-group-{suffix}",
@@ -123,16 +125,42 @@ def publish_reranking_version(settings: Settings) -> str:
     return version
 
 
-@pytest.fixture(scope="session")
-def query_data(ray_local, broker, tmp_path_factory) -> QueryData:
-    """NUM_VIDEOS clips produced to Kafka and ingested by a real IngestWorker, indexed
-    with a published model version (see publish_reranking_version)."""
+def ingest_through_broker(settings: Settings, bodies: list[dict[str, Any]]) -> tuple[str, str]:
+    """Produce upsert messages to Kafka and ingest them with a real IngestWorker;
+    returns the (collection, model version) the worker wrote."""
     import json
 
     from kafka import KafkaProducer
 
     from vidsearch.broker import ensure_topics
     from vidsearch.services.ingest.worker import IngestWorker
+
+    bootstrap = settings.broker.bootstrap or ""
+    ensure_topics(bootstrap, [settings.broker.ingest_topic, settings.broker.dlq_topic], 4)
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    try:
+        for body in bodies:
+            producer.send(settings.broker.ingest_topic, key=body["video_id"].encode(), value=json.dumps(body).encode())
+        producer.flush(timeout=30)
+    finally:
+        producer.close(timeout=5)
+
+    worker = IngestWorker(settings)
+    try:
+        worker.start()
+        done = worker.run_until(
+            lambda w: w.metrics.value("vidsearch_ingest_videos_total", op="upsert") >= len(bodies)
+            and w.inflight_batches == 0, INGEST_TIMEOUT_S)
+        assert done, worker.metrics.snapshot()
+        return worker.collection, worker.model_version
+    finally:
+        worker.close()  # also frees the encoder actor's CPU for the Serve replicas
+
+
+@pytest.fixture(scope="session")
+def query_data(ray_local, broker, tmp_path_factory) -> QueryData:
+    """NUM_VIDEOS clips produced to Kafka and ingested by a real IngestWorker, indexed
+    with a published model version (see publish_reranking_version)."""
     from vidsearch.store import open_store
 
     root = tmp_path_factory.mktemp("query-videos")
@@ -145,28 +173,10 @@ def query_data(ray_local, broker, tmp_path_factory) -> QueryData:
         video_id = f"vid-{i:02d}"
         write_test_clip(root / f"{video_id}.mp4", i)
         metadata[video_id] = video_metadata(i)
-    ensure_topics(broker.bootstrap, [settings.broker.ingest_topic, settings.broker.dlq_topic], 4)
-    producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all")
-    try:
-        for video_id, meta in metadata.items():
-            body = {"op": "upsert", "video_id": video_id, "uri": (root / f"{video_id}.mp4").resolve().as_uri(),
-                    "metadata": meta}
-            producer.send(settings.broker.ingest_topic, key=video_id.encode(), value=json.dumps(body).encode())
-        producer.flush(timeout=30)
-    finally:
-        producer.close(timeout=5)
-
-    worker = IngestWorker(settings)
-    try:
-        worker.start()
-        done = worker.run_until(
-            lambda w: w.metrics.value("vidsearch_ingest_videos_total", op="upsert") >= NUM_VIDEOS
-            and w.inflight_batches == 0, INGEST_TIMEOUT_S)
-        assert done, worker.metrics.snapshot()
-        collection, version = worker.collection, worker.model_version
-        assert version == published
-    finally:
-        worker.close()  # also frees the encoder actor's CPU for the Serve replicas
+    bodies = [{"op": "upsert", "video_id": video_id, "uri": (root / f"{video_id}.mp4").resolve().as_uri(),
+               "metadata": meta} for video_id, meta in metadata.items()]
+    collection, version = ingest_through_broker(settings, bodies)
+    assert version == published
     store = open_store(settings)
     assert store.resolve_alias("videos") == collection
     stored = store.get(collection, list(metadata))

@@ -2,6 +2,7 @@
 reason, source position), is committed, and the worker keeps consuming behind it."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -174,9 +175,12 @@ def test_every_permanent_failure_goes_to_the_dlq_and_good_messages_behind_it_are
         assert case.reason in body["reason"], (case.name, body["reason"])
     # Undecodable bytes come back byte for byte (base64), readable ones as text.
     assert by_name["not-utf8"]["value"]["encoding"] == "base64"
-    assert by_name["bad-json"]["value"] == {"encoding": "utf-8", "data": '{"op": "upsert", "video_id": '}
-    assert by_name["tombstone"]["value"] == {"encoding": None, "data": None}
-    assert by_name["missing-id"]["key"] == {"encoding": None, "data": None}
+    bad_json = b'{"op": "upsert", "video_id": '
+    assert by_name["bad-json"]["value"] == {"encoding": "utf-8", "data": bad_json.decode(), "size": len(bad_json),
+                                            "sha256": hashlib.sha256(bad_json).hexdigest(), "truncated": False,
+                                            "redacted": False}
+    assert by_name["tombstone"]["value"]["data"] is None and by_name["tombstone"]["value"]["encoding"] is None
+    assert by_name["missing-id"]["key"]["data"] is None
     # The secret file outside the root never appears in a reason beyond its uri.
     assert "secret" not in by_name["symlink"]["reason"]
 

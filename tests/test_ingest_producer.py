@@ -14,11 +14,23 @@ from vidsearch.messages import DeleteOp, UpsertOp, parse_ingest_message
 from ingest_support import ensure_topic, read_records, run_vidsearch, topic_is_empty, unique, uri, write_clip
 
 
+# The files of these tests live under pytest's temp root: that is the decode allowlist
+# (`vidsearch ingest` refuses files outside decode.allowed_prefixes before publishing).
+ALLOWED: list[str] = []
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _allow_temp_root(tmp_path_factory):
+    ALLOWED[:] = [str(tmp_path_factory.getbasetemp())]
+
+
 def _run(args: list[str], *, bootstrap: str | None, topic: str | None = None,
-         cwd: Path | None = None) -> subprocess.CompletedProcess:
+         cwd: Path | None = None, **settings: str) -> subprocess.CompletedProcess:
     env = {"KAFKA_BOOTSTRAP": bootstrap} if bootstrap else {}
     if topic:
         env["VIDSEARCH_BROKER__INGEST_TOPIC"] = topic
+    env["VIDSEARCH_DECODE__ALLOWED_PREFIXES"] = json.dumps(ALLOWED)
+    env.update({f"VIDSEARCH_{name.upper()}": value for name, value in settings.items()})
     return run_vidsearch(args, env=env, cwd=cwd)
 
 
@@ -143,3 +155,60 @@ def test_no_broker_configured_is_a_one_line_error(tmp_path):
     assert done.returncode == 1, done.stderr
     assert done.stderr.strip() == "vidsearch ingest: no Kafka broker configured: set KAFKA_BOOTSTRAP " \
                                   "(or broker.bootstrap)"
+
+
+def _deep(levels: int) -> str:
+    return '{"a": ' * (levels - 1) + "{}" + "}" * (levels - 1)
+
+
+# Refused before publishing: what the worker would otherwise send to the DLQ.
+# name: (argv builder (files, tmp_path) -> args, settings env, stderr fragments)
+REFUSED = {
+    "outside the allowlist": (lambda f, t: [str(f / "dir" / "a.mp4"), str(f / "other" / "c d.mp4")],
+                              lambda f: {"decode__allowed_prefixes": json.dumps([str(f / "dir")])},
+                              ["other/c d.mp4: ", "resolves outside the allowed prefixes",
+                               "(decode.allowed_prefixes)", "nothing was published"]),
+    "scheme not allowed": (lambda f, t: [str(f / "dir" / "a.mp4")],
+                           lambda f: {"decode__allowed_schemes": '["https"]'},
+                           ["a.mp4: ", "(decode.allowed_schemes)"]),
+    "over max_bytes": (lambda f, t: [str(f / "dir")], lambda f: {"decode__max_bytes": "100"},
+                       ["dir/a.mp4: ", "over the limit max_bytes=100", "(decode.max_bytes)"]),
+    "over max_pixels": (lambda f, t: [str(f / "dir" / "b.mp4")], lambda f: {"decode__max_pixels": "100"},
+                        ["b.mp4: ", "(decode.max_pixels)"]),
+    "over max_duration_s": (lambda f, t: [str(f / "dir" / "b.mp4")], lambda f: {"decode__max_duration_s": "0.1"},
+                            ["b.mp4: ", "(decode.max_duration_s)"]),
+    "not a video": (lambda f, t: [str(f / "other" / "fake.mp4")], lambda f: {}, ["fake.mp4: ", "undecodable"]),
+    "metadata too deep": (lambda f, t: [str(f / "dir" / "a.mp4"), "--metadata-json", _deep(9)], lambda f: {},
+                          ["video 'a': ", "over the limit messages.max_metadata_depth=8"]),
+    "metadata integer past 2^53": (lambda f, t: [str(f / "dir" / "a.mp4"), "--metadata-json", '{"n": 9007199254740993}'],
+                                   lambda f: {}, ["messages.max_integer=9007199254740991"]),
+    "metadata over its byte limit": (lambda f, t: [str(f / "dir" / "a.mp4"), "--metadata-json",
+                                                   json.dumps({"d": "x" * 900})],
+                                     lambda f: {"messages__max_metadata_bytes": "512"},
+                                     ["messages.max_metadata_bytes=512"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_what_the_worker_would_refuse_is_refused_before_publishing(case, broker, topic, files, tmp_path):
+    build, env, fragments = REFUSED[case]
+    (files / "other" / "fake.mp4").write_bytes(b"not a video" * 10)
+    done = _run(["ingest", "--no-progress", *build(files, tmp_path)], bootstrap=broker.bootstrap, topic=topic,
+                **env(files))
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert done.stderr.startswith("vidsearch ingest: ") and "\n" not in done.stderr.strip(), done.stderr
+    for fragment in fragments:
+        assert fragment in done.stderr, done.stderr
+    assert done.stdout == ""
+    assert topic_is_empty(broker.bootstrap, topic)
+
+
+def test_no_check_skips_the_local_file_checks_but_not_the_message_limits(broker, topic, files):
+    outside = {"decode__allowed_prefixes": json.dumps([str(files / "dir")])}
+    done = _run(["ingest", "--no-check", str(files / "other" / "c d.mp4")], bootstrap=broker.bootstrap,
+                topic=topic, **outside)
+    assert done.returncode == 0, done.stderr
+    refused = _run(["ingest", "--no-check", str(files / "dir" / "a.mp4"), "--metadata-json", _deep(20)],
+                   bootstrap=broker.bootstrap, topic=topic)
+    assert refused.returncode == 1 and "max_metadata_depth" in refused.stderr, refused.stderr
+    assert len(read_records(broker.bootstrap, topic, 1)) == 1

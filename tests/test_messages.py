@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import pickle
 
@@ -125,8 +126,9 @@ def test_message_error_survives_pickling():
 def test_dlq_record_keeps_utf8_original_as_text():
     raw = b'{"op": "nope", "video_id": "v"}'
     record = json.loads(dlq_record(raw, b"v", "videos.ingest", 2, 41, UNKNOWN_OP, "unknown op 'nope'"))
-    assert record["value"] == {"encoding": "utf-8", "data": raw.decode()}
-    assert record["key"] == {"encoding": "utf-8", "data": "v"}
+    assert record["value"] == {"encoding": "utf-8", "data": raw.decode(), "size": len(raw),
+                               "sha256": hashlib.sha256(raw).hexdigest(), "truncated": False, "redacted": False}
+    assert (record["key"]["encoding"], record["key"]["data"], record["key"]["size"]) == ("utf-8", "v", 1)
     assert record["error_class"] == UNKNOWN_OP
     assert record["reason"] == "unknown op 'nope'"
     assert record["source"] == {"topic": "videos.ingest", "partition": 2, "offset": 41}
@@ -137,8 +139,8 @@ def test_dlq_record_keeps_utf8_original_as_text():
 def test_dlq_record_keeps_binary_original_as_base64():
     raw = b"\x00\xff\xfe binary"
     record = json.loads(dlq_record(raw, None, "videos.ingest", 0, 7, BAD_JSON, "value is not UTF-8"))
-    assert record["value"] == {"encoding": "base64", "data": base64.b64encode(raw).decode()}
-    assert record["key"] == {"encoding": None, "data": None}
+    assert (record["value"]["encoding"], record["value"]["data"]) == ("base64", base64.b64encode(raw).decode())
+    assert (record["key"]["encoding"], record["key"]["data"]) == (None, None)
     assert decode_dlq_bytes(record["value"]) == raw
     assert decode_dlq_bytes(record["key"]) is None
 

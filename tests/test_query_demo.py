@@ -20,6 +20,7 @@ N = 5
 
 def run_demo(data_dir: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "VIDSEARCH_SERVE__GRPC_PORT": str(free_port()),
+           "VIDSEARCH_SERVE__HTTP_PORT": str(free_port()),
            # A small local Ray next to the test session's own.
            "VIDSEARCH_RAY__NUM_CPUS": "4"}
     args = f"--once --n {N} --data-dir {data_dir}"
@@ -38,6 +39,8 @@ def check_output(result: subprocess.CompletedProcess) -> None:
     assert out.count(f"re-ranked; model {shipped_version()}") == 4, out
     assert out.count("the video this caption describes: #1)") >= 2, out
     assert "with --filter tags=" in out
+    # The search page is served too, and its API answered the first caption.
+    assert "==> search page: http://127.0.0.1:" in out and "its API found 1 result" in out, out
     assert "the video this caption describes" in out
     assert "==> done (--once): stopping the stack" in out
 

@@ -22,11 +22,13 @@ def config():
 def test_config_passes_serves_schema(config):
     defaults = ServeSettings()
     apps = {app.name: app for app in config.applications}
-    # The ingress finds the reranker, and clients find the ingress, by these names.
-    assert set(apps) == {defaults.app_name, defaults.reranker_app_name}
+    # The ingress finds the reranker, the page finds the ingress, and clients find both, by these names.
+    assert set(apps) == {defaults.app_name, defaults.reranker_app_name, defaults.web_app_name}
     assert apps[defaults.reranker_app_name].route_prefix is None  # internal only
+    assert apps[defaults.web_app_name].route_prefix == "/"
     assert config.grpc_options.port == defaults.grpc_port
     assert config.http_options.host == "127.0.0.1"
+    assert config.http_options.port == defaults.http_port
     for app in apps.values():
         (deployment,) = app.deployments
         assert deployment.autoscaling_config["min_replicas"] >= 1

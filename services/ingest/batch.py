@@ -25,6 +25,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from vidsearch.config import MessageSettings
 from vidsearch.messages import DeleteOp, IngestOp, MessageError, UpsertOp, parse_ingest_message
 
 _batch_ids = itertools.count(1)
@@ -59,7 +60,8 @@ class Item:
     reason: str | None = None
     encoded: Encoded | None = None
     point: Any = None  # the VideoPoint, built when the batch is finalised
-    dlq_sent: bool = False  # this failed item's DLQ record was acknowledged
+    dlq_sent: bool = False  # this failed item's DLQ record was acknowledged (or refused for good)
+    dlq_minimal: bool = False  # the broker refused its full DLQ record: send only size, sha256, source
 
     @property
     def tp(self) -> tuple[str, int]:
@@ -100,13 +102,14 @@ class Batch:
     target: Any = None
 
     @classmethod
-    def from_records(cls, records: Iterable[Any]) -> "Batch":
-        """Build from kafka-python ConsumerRecords, parsing each; a parse failure is a DLQ item."""
+    def from_records(cls, records: Iterable[Any], limits: MessageSettings | None = None) -> "Batch":
+        """Build from kafka-python ConsumerRecords, parsing each (within ``limits``); a
+        parse failure is a DLQ item."""
         batch = cls()
         for record in records:
             item = Item(batch, record.topic, record.partition, record.offset, record.key, record.value)
             try:
-                item.op = parse_ingest_message(record.value, record.key)
+                item.op = parse_ingest_message(record.value, record.key, limits)
             except MessageError as exc:
                 item.fail(exc.error_class, exc.reason)
             batch.items.append(item)

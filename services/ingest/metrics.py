@@ -51,15 +51,23 @@ class IngestMetrics:
         self.lag = Gauge(
             "vidsearch_ingest_consumer_lag", "End offset minus consumer position, per assigned partition",
             ["topic", "partition"], registry=r)
+        self.dlq_refused = Counter(
+            "vidsearch_ingest_dlq_refused_total", "Bad messages whose DLQ record the broker refused for good "
+            "(non-retriable); logged with their source offset, sha256 and size, then committed",
+            ["error_class"], registry=r)
+        self.stalled = Gauge(
+            "vidsearch_ingest_partition_stalled", "1 while a partition has work and no commit for "
+            "ingest.stall_after_s", ["topic", "partition"], registry=r)
         self._http_port: int | None = None
         self._http_server: Any = None
 
-    def serve(self, port: int) -> None:
-        """Expose /metrics on ``port`` (0 = off) until :meth:`close`."""
+    def serve(self, port: int, host: str = "127.0.0.1") -> None:
+        """Expose /metrics on ``host:port`` (0 = off) until :meth:`close`; loopback
+        unless ``ingest.metrics_host`` says otherwise."""
         if port:
-            self._http_server, _thread = start_http_server(port, registry=self.registry)
+            self._http_server, _thread = start_http_server(port, addr=host, registry=self.registry)
             self._http_port = port
-            log_event(log, "metrics endpoint up", port=port)
+            log_event(log, "metrics endpoint up", host=host, port=port)
 
     def close(self) -> None:
         """Stop the /metrics endpoint and free its port (a worker started again in the
@@ -106,6 +114,7 @@ class IngestMetrics:
             "abandoned_batches": int(self.value("vidsearch_ingest_batches_total", outcome="abandoned")),
             "inflight": int(self.value("vidsearch_ingest_inflight_batches")),
             "lag": int(lag_total),
+            "stalled_partitions": int(self.total("vidsearch_ingest_partition_stalled")),
         }
 
 

@@ -12,9 +12,10 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
-from vidsearch.messages import DeleteOp, IngestOp, MessageError, UpsertOp, encode_ingest_message
+from vidsearch.config import Settings
+from vidsearch.messages import DeleteOp, IngestOp, MessageError, UpsertOp, encode_ingest_message, parse_ingest_message
 from vidsearch.telemetry import log_event
 
 log = logging.getLogger(__name__)
@@ -144,7 +145,8 @@ class PublishResult:
 
 
 def publish(bootstrap: str, topic: str, ops: Sequence[IngestOp], *, partitions: int,
-            progress: bool | None = None, timeout_s: float = 30.0) -> PublishResult:
+            progress: bool | None = None, timeout_s: float = 30.0,
+            max_request_bytes: int = 1_048_576, security: Mapping[str, Any] | None = None) -> PublishResult:
     """Produce ``ops`` with acks=all and wait until every one is acknowledged.
 
     The topic is created first if it is missing (brokers like Tansu don't auto-create).
@@ -163,12 +165,13 @@ def publish(bootstrap: str, topic: str, ops: Sequence[IngestOp], *, partitions: 
         except MessageError as exc:
             raise ProducerError(f"video {op.video_id!r}: {exc.reason}") from None
     try:
-        ensure_topics(bootstrap, [topic], partitions, timeout_s=min(timeout_s, 15.0))
+        ensure_topics(bootstrap, [topic], partitions, timeout_s=min(timeout_s, 15.0), security=security)
     except BrokerError as exc:
         raise ProducerError(f"cannot reach Kafka at {bootstrap}: {_first_line(exc)}") from None
     try:
         producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", client_id="vidsearch-ingest-cli",
-                                 request_timeout_ms=int(timeout_s * 1000), linger_ms=5)
+                                 request_timeout_ms=int(timeout_s * 1000), linger_ms=5,
+                                 max_request_size=max_request_bytes, **(security or {}))
     except KafkaError as exc:
         raise ProducerError(f"cannot reach Kafka at {bootstrap}: {exc}") from None
     show = sys.stderr.isatty() if progress is None else progress
@@ -191,6 +194,57 @@ def publish(bootstrap: str, topic: str, ops: Sequence[IngestOp], *, partitions: 
         producer.close(timeout=5)
     log_event(log, "published ingest messages", topic=topic, bootstrap=bootstrap, count=len(encoded))
     return PublishResult(sent=len(encoded), topic=topic, bootstrap=bootstrap)
+
+
+def check_ops(ops: Sequence[IngestOp], settings: Settings, *, local_files: bool = True) -> None:
+    """Refuse, before anything is published, what the worker would send to the DLQ.
+
+    Each message goes through the worker's own parser with ``settings.messages``
+    (size, metadata depth/bytes/keys, strings, integers), and each local file is
+    checked against ``decode.allowed_schemes``/``allowed_prefixes`` and the decode
+    limits (bytes, then the container header: resolution and duration). Raises
+    ProducerError naming the file and the setting.
+    """
+    from vidsearch.uris import VideoError
+    from vidsearch.video import probe_video
+
+    for op in ops:
+        try:
+            key, value = encode_ingest_message(op)
+            parse_ingest_message(value, key, settings.messages)
+        except MessageError as exc:
+            raise ProducerError(f"video {op.video_id!r}: {exc.reason}") from None
+        if not local_files or not isinstance(op, UpsertOp):
+            continue
+        try:
+            probe_video(op.uri, settings.decode)
+        except VideoError as exc:
+            raise ProducerError(f"{_display_path(op.uri)}: {exc.reason} ({_setting_for(exc)}); "
+                                "nothing was published") from None
+        except OSError as exc:
+            raise ProducerError(f"{_display_path(op.uri)}: cannot read it ({exc.strerror or exc}); "
+                                "nothing was published") from None
+
+
+def _display_path(uri: str) -> str:
+    from urllib.parse import unquote, urlsplit
+
+    return unquote(urlsplit(uri).path) if uri.startswith("file:") else uri
+
+
+def _setting_for(exc: Exception) -> str:
+    """The setting a decode refusal is about, for the one-line error."""
+    import re
+
+    from vidsearch.uris import NotAllowed
+
+    reason = getattr(exc, "reason", str(exc))
+    match = re.search(r"\b(max_bytes|max_pixels|max_duration_s)=", reason)
+    if match:
+        return f"decode.{match.group(1)}"
+    if isinstance(exc, NotAllowed):
+        return "decode.allowed_schemes" if "allowed_schemes" in reason else "decode.allowed_prefixes"
+    return f"error class {getattr(exc, 'error_class', 'video_error')}"
 
 
 def _first_line(exc: BaseException) -> str:

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import argparse
 
+from vidsearch.broker import client_security
 from vidsearch.cli import CommandError
 from vidsearch.config import Settings
 
-from .producer import ProducerError, ops_for_delete, ops_from_manifest, ops_from_paths, publish
+from .producer import ProducerError, check_ops, ops_for_delete, ops_from_manifest, ops_from_paths, publish
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -20,6 +21,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="a JSON object of metadata fields added to every video")
     parser.add_argument("--topic", help="override broker.ingest_topic")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-check", action="store_true",
+                        help="skip the local allowlist and decode-limit checks (the files are read by "
+                             "workers with other settings); message limits are always checked")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -38,9 +42,13 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             ops = ops_from_manifest(args.manifest, args.metadata_json)
         else:
             ops = ops_from_paths(args.paths, args.metadata_json)
+        # Everything the worker would refuse is refused here, before the first send.
+        check_ops(ops, settings, local_files=not args.no_check)
         result = publish(bootstrap, args.topic or settings.broker.ingest_topic, ops,
                          partitions=settings.broker.partitions,
-                         progress=False if args.no_progress else None)
+                         progress=False if args.no_progress else None,
+                         max_request_bytes=settings.broker.max_request_bytes,
+                         security=client_security(settings.broker))
     except ProducerError as exc:
         raise CommandError(str(exc)) from None
     print(f"published {result.sent} message(s) to {result.topic} on {result.bootstrap}")

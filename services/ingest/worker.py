@@ -47,7 +47,8 @@ from collections import deque
 from typing import Any, Callable
 
 from vidsearch.config import Settings
-from vidsearch.messages import UpsertOp, dlq_record
+from vidsearch.dlq import dlq_key, dlq_record, minimal_dlq_record
+from vidsearch.messages import UpsertOp
 from vidsearch.telemetry import log_event
 
 from .backoff import Backoff
@@ -62,6 +63,8 @@ log = logging.getLogger(__name__)
 BUSY_POLL_MS = 20
 IDLE_POLL_MS = 250
 LAG_REFRESH_S = 5.0
+# Of the shutdown grace, what is kept back for closing the consumer and producer.
+CLOSE_RESERVE_S = 5.0
 
 
 class WorkerError(RuntimeError):
@@ -157,6 +160,17 @@ class IngestWorker:
         self.assignment: set[tuple[str, int]] = set()
         # Per revoked partition, the first offset of its abandoned records (see on_assigned).
         self._rewind: dict[tuple[str, int], int] = {}
+        # Per assigned partition: the first offset not yet committed (what lag counts
+        # from, so records polled but stuck in flight are lag too), the end of what was
+        # polled, and when the partition last made progress (stall detection).
+        self._commit_floor: dict[tuple[str, int], int] = {}
+        self._polled_end: dict[tuple[str, int], int] = {}
+        self._progress_at: dict[tuple[str, int], float] = {}
+        self._stalled: set[tuple[str, int]] = set()
+        self._last_failure = ""
+        self._last_stage = ""
+        # When SIGTERM's grace period ends (set by drain); blocking calls stay inside it.
+        self._stop_deadline: float | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "IngestWorker":
@@ -165,7 +179,7 @@ class IngestWorker:
         from kafka import KafkaConsumer, KafkaProducer
         from kafka.errors import KafkaError
 
-        from vidsearch.broker import BrokerError, ensure_topics
+        from vidsearch.broker import BrokerError, client_security, ensure_topics
         from vidsearch.store import open_store
 
         settings = self.settings
@@ -173,13 +187,14 @@ class IngestWorker:
         if not broker.bootstrap:
             raise WorkerError("no Kafka broker configured: set KAFKA_BOOTSTRAP (or broker.bootstrap)")
         try:
-            ensure_topics(broker.bootstrap, [self.topic, self.dlq_topic], broker.partitions)
+            ensure_topics(broker.bootstrap, [self.topic, self.dlq_topic], broker.partitions,
+                          security=client_security(broker))
         except BrokerError as exc:
             raise WorkerError(str(exc).splitlines()[0]) from None
         try:
             # Before the slow steps, so that a taken port fails at once; and it shows the
             # retry counter while the store is unreachable at startup.
-            self.metrics.serve(settings.ingest.metrics_port)
+            self.metrics.serve(settings.ingest.metrics_port, settings.ingest.metrics_host)
         except OSError as exc:
             raise WorkerError(f"cannot serve metrics on port {settings.ingest.metrics_port}: "
                               f"{exc.strerror or exc}") from None
@@ -200,13 +215,21 @@ class IngestWorker:
             batch_frames=settings.ingest.encoder_batch_frames, retry_initial_s=settings.ingest.retry_initial_s,
             retry_max_s=settings.ingest.retry_max_s, metrics=self.metrics)
         try:
+            publish_ms = int(settings.ingest.publish_timeout_s * 1000)
+            # Every wait of a DLQ publish is bounded, so a broker that refuses or hangs
+            # can only ever cost one retry's backoff, never a stuck loop.
             self._producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all",
-                                           client_id=f"{self.client_id}-dlq", linger_ms=0)
+                                           client_id=f"{self.client_id}-dlq", linger_ms=0,
+                                           max_request_size=broker.max_request_bytes, max_block_ms=publish_ms,
+                                           request_timeout_ms=publish_ms,
+                                           delivery_timeout_ms=max(publish_ms * 3, 30_000),
+                                           **client_security(broker))
             self._consumer = KafkaConsumer(
                 bootstrap_servers=broker.bootstrap, group_id=self.group, client_id=self.client_id,
                 enable_auto_commit=False, auto_offset_reset="earliest",
                 session_timeout_ms=broker.session_timeout_ms, heartbeat_interval_ms=broker.heartbeat_interval_ms,
-                max_poll_interval_ms=broker.max_poll_interval_ms, max_poll_records=broker.max_poll_records)
+                max_poll_interval_ms=broker.max_poll_interval_ms, max_poll_records=broker.max_poll_records,
+                **client_security(broker))
         except KafkaError as exc:
             raise WorkerError(f"cannot reach Kafka at {broker.bootstrap}: {exc}") from None
         self._consumer.subscribe([self.topic], listener=_listener_class()(self))
@@ -332,12 +355,18 @@ class IngestWorker:
         return False
 
     def drain(self, grace_s: float) -> bool:
-        """Stop taking new records and finish in-flight batches; False if the grace ran out."""
+        """Stop taking new records and finish in-flight batches; False if the grace ran out.
+
+        The whole grace period bounds the drain *and* the close after it: the drain
+        leaves :data:`CLOSE_RESERVE_S` (at most a quarter of the grace) for closing, and
+        every publish wait inside it is cut to what is left.
+        """
         self.stop()
         # The loop finishes ready batches before it notices the stop, hence both counts.
         log_event(log, "draining in-flight batches", batches=len(self._inflight),
                   at_stop=self._inflight_at_stop, grace_s=grace_s)
-        deadline = time.monotonic() + grace_s
+        self._stop_deadline = time.monotonic() + grace_s
+        deadline = self._stop_deadline - min(CLOSE_RESERVE_S, grace_s / 4)
         while self._inflight and time.monotonic() < deadline:
             self.step()
         if self._inflight:
@@ -345,6 +374,12 @@ class IngestWorker:
                       batches=len(self._inflight))
             return False
         return True
+
+    def _left_s(self, wanted_s: float) -> float:
+        """``wanted_s``, cut to what is left of the shutdown grace once draining."""
+        if self._stop_deadline is None:
+            return wanted_s
+        return max(0.0, min(wanted_s, self._stop_deadline - time.monotonic()))
 
     def _watch_alias(self) -> None:
         """Background lookups of the alias, every ``serve.alias_poll_s``.
@@ -371,12 +406,12 @@ class IngestWorker:
             # Closing revokes the partitions (the listener abandons what is left) and
             # leaves the group at once, so the partitions move without a session timeout.
             try:
-                self._consumer.close(autocommit=False, timeout_ms=5000)
+                self._consumer.close(autocommit=False, timeout_ms=int(self._left_s(5.0) * 1000))
             except Exception as exc:  # noqa: BLE001 - closing must not mask the real exit reason
                 log_event(log, "consumer close failed", logging.WARNING, error=str(exc))
         if self._producer is not None:
             try:
-                self._producer.close(timeout=5)
+                self._producer.close(timeout=max(self._left_s(5.0), 0.1))
             except Exception as exc:  # noqa: BLE001
                 log_event(log, "producer close failed", logging.WARNING, error=str(exc))
         if self._owns_pool and self._pool is not None:
@@ -405,7 +440,9 @@ class IngestWorker:
         elif busy:
             # Nothing new from Kafka: wait on Ray instead of spinning.
             self.pipeline.wait(0.1 if self._backoff.ready() else min(0.1, self._backoff.remaining_s() + 0.01))
-        self._refresh_lag()
+        if not self.stopping:  # no broker round trips eat into the shutdown grace
+            self._refresh_lag()
+        self._check_stalls()
         self._summary.maybe_log()
 
     def _set_paused(self, paused: bool) -> None:
@@ -524,7 +561,15 @@ class IngestWorker:
 
     def _take(self, records: dict[Any, list[Any]]) -> None:
         flat = [record for tp_records in records.values() for record in tp_records]
-        batch = Batch.from_records(flat)
+        batch = Batch.from_records(flat, self.settings.messages)
+        now = time.monotonic()
+        for record in flat:
+            tp = (record.topic, record.partition)
+            # The first record polled after an assignment sits at the committed offset.
+            self._commit_floor.setdefault(tp, record.offset)
+            if self._polled_end.get(tp, 0) <= self._commit_floor[tp]:
+                self._progress_at[tp] = now  # the partition had no work until now
+            self._polled_end[tp] = max(self._polled_end.get(tp, 0), record.offset + 1)
         batch.target = self.target
         self._inflight.append(batch)
         self.metrics.inflight.set(len(self._inflight))
@@ -545,15 +590,23 @@ class IngestWorker:
                 return
             if self._switch is not None and batch.target.collection != self._switch.collection:
                 return  # encoded for a collection that is no longer live: re-targeted once the switch is done
+            if (self._stop_deadline is not None and self._last_stage == "store" and self._backoff.failures
+                    and self._left_s(float("inf")) < self.settings.store.timeout_s):
+                # Draining with the store down: one more write could block past the grace
+                # (store.timeout_s); the batch stays uncommitted for the next owner instead.
+                return
             try:
                 self._finalise(batch)
             except _Transient as exc:
+                self._last_failure = f"{exc.stage}: {exc.reason[:200]}"
+                self._last_stage = exc.stage
                 delay = self._backoff.failed()
                 self.metrics.retries.labels(stage=exc.stage).inc()
                 log_event(log, "transient failure, batch will be retried", logging.WARNING, stage=exc.stage,
                           batch=batch.id, retry_in_s=round(delay, 2), reason=exc.reason[:300])
                 return
             self._backoff.succeeded()
+            self._last_stage = ""
             self.metrics.batch_latency.observe(time.monotonic() - batch.polled_at)
             self._drop_head("committed")
 
@@ -605,25 +658,75 @@ class IngestWorker:
         return VideoPoint(op.video_id, encoded.video_vector, encoded.frames, payload)
 
     def _send_dlq(self, batch: Batch) -> None:
-        from kafka.errors import KafkaError
+        """Publish the DLQ records of the batch's failed items.
 
+        A record the broker refuses for good (a non-retriable error: too large for its
+        limit, not authorised ...) is sent once more as the minimal record (size,
+        sha256, source offset; no bytes of the message). If that is refused for good
+        too, the message is logged and counted (``vidsearch_ingest_dlq_refused_total``)
+        and committed with its batch: a non-retriable error is never retried forever.
+        Retriable errors (timeouts, no leader) fail the batch transiently: retried.
+        """
         failed = [item for item in batch.dlq_items() if not item.dlq_sent]
         if not failed:
             return
+        errors = self._produce_dlq(failed)
+        refused = [item for item, exc in errors.items() if exc is not None and not _retriable(exc)]
+        for item in refused:
+            item.dlq_minimal = True
+            log_event(log, "broker refused the DLQ record for good; sending the minimal record", logging.WARNING,
+                      error=_kafka_error(errors[item]), **item.describe())
+        if refused:
+            errors.update(self._produce_dlq(refused))
+        transient: BaseException | None = None
+        for item, exc in errors.items():
+            if exc is None:
+                item.dlq_sent = True
+                self.metrics.dlq.labels(error_class=item.error_class).inc()
+                log_event(log, "sent to DLQ", logging.WARNING, error_class=item.error_class,
+                          reason=item.reason[:300], **item.describe())
+            elif not _retriable(exc):
+                item.dlq_sent = True  # given up: committed with its batch, never retried forever
+                self.metrics.dlq_refused.labels(error_class=item.error_class).inc()
+                log_event(log, "DLQ refused the message for good; it is committed without a DLQ record",
+                          logging.ERROR, error_class=item.error_class, reason=item.reason[:300],
+                          error=_kafka_error(exc), size=len(item.value or b""),
+                          sha256=_sha256(item.value), **item.describe())
+            else:
+                transient = exc
+        if transient is not None:
+            raise _Transient("dlq", _kafka_error(transient))
+
+    def _dlq_value(self, item: Item) -> bytes:
+        args = (item.value, item.key, item.topic, item.partition, item.offset, item.error_class, item.reason)
+        if item.dlq_minimal:
+            return minimal_dlq_record(*args)
+        return dlq_record(*args, keep_bytes=self.settings.ingest.dlq_value_bytes,
+                          max_record_bytes=self.settings.broker.max_request_bytes)
+
+    def _produce_dlq(self, items: list[Item]) -> dict[Item, BaseException | None]:
+        """Send one record per item and wait (bounded) for the acks: item -> error or None."""
+        from kafka.errors import KafkaError, KafkaTimeoutError
+
+        out: dict[Item, BaseException | None] = {}
+        futures = []
+        for item in items:
+            try:
+                futures.append((item, self._producer.send(self.dlq_topic, key=dlq_key(item.key),
+                                                           value=self._dlq_value(item))))
+            except KafkaError as exc:  # e.g. no metadata within max_block_ms
+                out[item] = exc
+        timeout_s = self._left_s(self.settings.ingest.publish_timeout_s)
         try:
-            futures = [self._producer.send(self.dlq_topic, key=item.key, value=dlq_record(
-                item.value, item.key, item.topic, item.partition, item.offset, item.error_class, item.reason))
-                for item in failed]
-            self._producer.flush(timeout=30)
-            for future in futures:
-                future.get(timeout=0)  # raises if that record was not acknowledged
-        except KafkaError as exc:
-            raise _Transient("dlq", f"{type(exc).__name__}: {exc}") from None
-        for item in failed:
-            item.dlq_sent = True
-            self.metrics.dlq.labels(error_class=item.error_class).inc()
-            log_event(log, "sent to DLQ", logging.WARNING, error_class=item.error_class,
-                      reason=item.reason[:300], **item.describe())
+            self._producer.flush(timeout=max(timeout_s, 0.01))
+        except KafkaError:
+            pass  # what was not acknowledged shows in its future below
+        for item, future in futures:
+            if not future.is_done:
+                out[item] = KafkaTimeoutError(f"not acknowledged within {timeout_s:.1f}s")
+            else:
+                out[item] = future.exception if future.failed() else None
+        return out
 
     def _write_store(self, batch: Batch) -> None:
         from vidsearch.store import CollectionNotFound, StoreError, StoreUnavailable
@@ -680,11 +783,19 @@ class IngestWorker:
         if not offsets:
             return
         try:
-            self._consumer.commit(offsets)
+            # Bounded like a DLQ publish: without a timeout a commit waits for a coordinator
+            # forever when the broker is gone, and SIGTERM's grace with it.
+            timeout_s = self._left_s(self.settings.ingest.publish_timeout_s)
+            self._consumer.commit(offsets, timeout_ms=max(int(timeout_s * 1000), 10))
         except KafkaError as exc:
             # CommitFailed / rebalance in progress: the next poll rejoins and the revoke
             # listener abandons this batch if its partitions moved; otherwise retry.
             raise _Transient("commit", f"{type(exc).__name__}: {exc}") from None
+        now = time.monotonic()
+        for tp, meta in offsets.items():
+            key = (tp.topic, tp.partition)
+            self._commit_floor[key] = max(self._commit_floor.get(key, 0), meta.offset)
+            self._progress_at[key] = now
         log_event(log, "batch committed", logging.DEBUG, batch=batch.id, records=len(batch.items),
                   offsets={f"{t.topic}[{t.partition}]": o.offset for t, o in offsets.items()})
 
@@ -692,6 +803,10 @@ class IngestWorker:
     def on_revoked(self, partitions: set[Any]) -> None:
         revoked = {(tp.topic, tp.partition) for tp in partitions}
         self.assignment -= revoked
+        for tp in revoked:  # a partition that comes back starts its bookkeeping afresh
+            for table in (self._commit_floor, self._polled_end, self._progress_at):
+                table.pop(tp, None)
+            self._set_stalled(tp, False)
         abandoned = 0
         for batch in self._inflight:
             hit = batch.partitions() & revoked
@@ -745,12 +860,47 @@ class IngestWorker:
                 # fetch (stale while paused) and ListOffsets (Tansu answers the last record
                 # batch's base offset + 1 there, short of the end for multi-record batches).
                 end = max(self._consumer.highwater(tp) or 0, listed.get(tp) or 0)
-                if position is not None:
-                    lags[(tp.topic, tp.partition)] = max(0, end - position)
+                key = (tp.topic, tp.partition)
+                # Counted from the first offset not committed: records polled but still in
+                # flight (or stuck behind a failing step) are lag, not progress.
+                floor = self._commit_floor.get(key, position)
+                if floor is not None:
+                    lags[key] = max(0, max(end, self._polled_end.get(key, 0)) - floor)
         except Exception as exc:  # noqa: BLE001 - metrics must never stop ingestion
             log_event(log, "lag refresh failed", logging.DEBUG, error=str(exc))
             return
         self.metrics.set_lag(lags)
+
+    def _check_stalls(self) -> None:
+        """A partition with uncommitted work and no commit for ``ingest.stall_after_s``
+        is stalled: the gauge goes to 1 and one log line names the partition, the
+        offset it is stuck at and the last transient failure."""
+        now = time.monotonic()
+        limit = self.settings.ingest.stall_after_s
+        for tp, end in self._polled_end.items():
+            floor = self._commit_floor.get(tp, end)
+            stuck = end > floor and now - self._progress_at.get(tp, now) >= limit
+            if stuck and tp not in self._stalled:
+                log_event(log, "partition stalled", logging.WARNING, topic=tp[0], partition=tp[1], offset=floor,
+                          uncommitted=end - floor, stalled_s=round(now - self._progress_at[tp], 1),
+                          last_failure=self._last_failure or None)
+            elif not stuck and tp in self._stalled:
+                log_event(log, "partition progressing again", topic=tp[0], partition=tp[1], offset=floor)
+            self._set_stalled(tp, stuck)
+
+    def _set_stalled(self, tp: tuple[str, int], stalled: bool) -> None:
+        if stalled == (tp in self._stalled):
+            return
+        if stalled:
+            self._stalled.add(tp)
+            self.metrics.stalled.labels(topic=tp[0], partition=str(tp[1])).set(1)
+        else:
+            self._stalled.discard(tp)
+            self.metrics.stalled.remove(tp[0], str(tp[1]))
+
+    @property
+    def stalled_partitions(self) -> set[tuple[str, int]]:
+        return set(self._stalled)
 
     def committed(self) -> dict[tuple[str, int], int | None]:
         """Committed offsets of the assigned partitions (for tests and operators)."""
@@ -761,6 +911,25 @@ class IngestWorker:
     @property
     def inflight_batches(self) -> int:
         return len(self._inflight)
+
+
+def _retriable(exc: BaseException) -> bool:
+    """Worth retrying: anything but a broker's (or the client's own) definite refusal.
+    Connection trouble and timeouts are retriable; "message too large", "not
+    authorised", "invalid topic" are not."""
+    from kafka.errors import BrokerResponseError
+
+    return not isinstance(exc, BrokerResponseError) or bool(getattr(exc, "retriable", False))
+
+
+def _kafka_error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc)[:300]}"
+
+
+def _sha256(value: bytes | None) -> str | None:
+    import hashlib
+
+    return None if value is None else hashlib.sha256(bytes(value)).hexdigest()
 
 
 def _listener_class() -> type:

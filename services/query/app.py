@@ -2,6 +2,7 @@
 (``serve run``, ``serve deploy``, a KubeRay RayService) and of ``deploy.py``."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +19,18 @@ def absolute_paths(settings: Settings) -> Settings:
     """Settings with the local store and registry paths made absolute.
 
     Replicas run in other processes, possibly with another working directory, so a
-    relative ``./data/qdrant`` would name a different (empty) store there. URLs
-    (``s3://...``) are kept as they are.
+    relative ``./data/qdrant`` would name a different (empty) store there, and a
+    relative decode prefix another folder. URLs (``s3://...``) are kept as they are.
     """
     store = settings.store.model_copy(update={"path": str(Path(settings.store.path).expanduser().resolve())})
     root = settings.model.registry_root
     if "://" not in root:
         root = str(Path(root).expanduser().resolve())
     model = settings.model.model_copy(update={"registry_root": root})
-    return settings.model_copy(update={"store": store, "model": model})
+    # The web app reads files by these roots (url prefixes are kept as they are).
+    prefixes = [p if "://" in p else os.path.abspath(os.path.expanduser(p)) for p in settings.decode.allowed_prefixes]
+    decode = settings.decode.model_copy(update={"allowed_prefixes": prefixes})
+    return settings.model_copy(update={"store": store, "model": model, "decode": decode})
 
 
 def query_app(settings: Settings, **options: Any) -> Application:

@@ -1,5 +1,11 @@
-"""Errors the query path maps onto gRPC status codes."""
+"""Errors the query path maps onto gRPC status codes.
+
+Kept free of heavy imports (no torch, no store): the web app imports
+:class:`RpcFailure` to read the ingress's answers through a DeploymentHandle.
+"""
 from __future__ import annotations
+
+import grpc
 
 
 class RequestError(ValueError):
@@ -9,3 +15,16 @@ class RequestError(ValueError):
         super().__init__(f"{field}: {reason}")
         self.field = field
         self.reason = reason
+
+
+class RpcFailure(Exception):
+    """Ends an RPC with a non-OK status; ``details`` is what the client reads."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+    def __reduce__(self) -> tuple:
+        # Raised through a DeploymentHandle it is pickled; rebuild from both fields.
+        return (type(self), (self.code, self.details))

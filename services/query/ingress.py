@@ -35,9 +35,9 @@ from vidsearch.telemetry import log_event
 from vidsearch.v1 import search_pb2
 
 from .auth import is_authorized
-from .errors import RequestError
+from .errors import RequestError, RpcFailure
 from .live import LiveIndex, LiveIndexTracker
-from .response import Candidates, build_results, pad_hits, stage_timings, to_struct
+from .response import Candidates, build_results, pad_hits, stage_timings, video_response
 from .deadline import deadline_from_metadata
 from .validation import SearchParams, validate_search, validate_video_id
 
@@ -45,15 +45,6 @@ log = logging.getLogger(__name__)
 
 DEPLOYMENT_NAME = "SearchIngress"
 CACHED_VERSIONS = 2
-
-
-class RpcFailure(Exception):
-    """Ends an RPC with a non-OK status; ``details`` is what the client reads."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(f"{code.name}: {details}")
-        self.code = code
-        self.details = details
 
 
 def text_side(model: VideoTextModel) -> VideoTextModel:
@@ -137,8 +128,8 @@ class SearchIngress:
             if not found:
                 raise RpcFailure(grpc.StatusCode.NOT_FOUND,
                                  f"video_id: no video {video_id!r} in the live index {live.collection}")
-            return search_pb2.GetVideoResponse(video_id=video_id, payload=to_struct(found[0].payload),
-                                               index=live.collection)
+            return video_response(video_id, found[0].payload, live.collection,
+                                  self._settings.serve.max_response_bytes)
         except Exception as exc:  # noqa: BLE001
             return self._fail(grpc_context, exc, search_pb2.GetVideoResponse())
 
@@ -188,10 +179,17 @@ class SearchIngress:
         results = build_results(
             candidates, vector, params.top_k, params.beta,
             rerank_scores=None if rerank is None else rerank.scores,
-            frame_relevance=None if rerank is None else rerank.frame_relevance)
+            frame_relevance=None if rerank is None else rerank.frame_relevance,
+            max_payload_bytes=self._settings.serve.max_payload_bytes,
+            max_response_bytes=self._settings.serve.max_response_bytes)
+        cut = sum(1 for r in results if r.payload_notice)
+        if cut:
+            self._outcomes["payloads_cut"] += cut
+            log_event(log, "payloads cut", logging.WARNING, index=live.collection, count=cut,
+                      video_ids=[r.video_id for r in results if r.payload_notice][:5])
         return search_pb2.SearchResponse(
             results=results, reranked=rerank is not None, model_version=live.version,
-            index=live.collection,
+            index=live.collection, payloads_cut=cut,
             timings=stage_timings(encode_ms=_ms(t_encode, t_recall), recall_ms=_ms(t_recall, t_rerank),
                                   rerank_ms=_ms(t_rerank, t_done), total_ms=_ms(started, time.perf_counter())))
 

@@ -5,13 +5,12 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
-from google.protobuf import json_format, struct_pb2
-
 from vidsearch.services.reranker.scoring import pad_frames
 from vidsearch.store_schema import Hit
 from vidsearch.v1 import search_pb2
 
 from .fusion import best_moments, frame_text_cosine, fuse, rank
+from .payloads import PayloadView, fit_response, payload_view, to_struct  # noqa: F401 (re-export)
 
 
 @dataclass
@@ -31,20 +30,17 @@ class Candidates:
         return [list(h.payload.get("frame_timestamps") or []) for h in self.hits]
 
 
-def to_struct(payload: dict[str, Any]) -> struct_pb2.Struct:
-    struct = struct_pb2.Struct()
-    # ParseDict handles nested dicts/lists and rejects non-JSON values loudly.
-    json_format.ParseDict(payload, struct)
-    return struct
-
-
 def build_results(candidates: Candidates, text_vector: np.ndarray, top_k: int, beta: float,
                   rerank_scores: np.ndarray | None,
-                  frame_relevance: np.ndarray | None) -> list[search_pb2.SearchResult]:
+                  frame_relevance: np.ndarray | None, *, max_payload_bytes: int,
+                  max_response_bytes: int) -> list[search_pb2.SearchResult]:
     """Fuse, order and cut to top_k; each result gets its best moment.
 
     Without rerank scores the best moment comes from the cosine of the query with
     each stored frame; with them, from the cross-encoder's frame relevance.
+    Payloads go through :func:`payloads.payload_view` (no credentials, encodable,
+    at most ``max_payload_bytes``) and the largest are cut until the results fit
+    ``max_response_bytes``: one bad stored point never fails the whole search.
     """
     if not candidates.hits:
         return []
@@ -56,15 +52,25 @@ def build_results(candidates: Candidates, text_vector: np.ndarray, top_k: int, b
     results = []
     for index in rank(fused)[:top_k]:
         hit = candidates.hits[index]
+        view = payload_view(hit.video_id, hit.payload, max_payload_bytes)
         results.append(search_pb2.SearchResult(
             video_id=hit.video_id,
             score=float(fused[index]),
             recall_score=float(recall[index]),
             rerank_score=float(rerank_scores[index]) if rerank_scores is not None else 0.0,
             best_moment_seconds=moments[index],
-            payload=to_struct(hit.payload),
+            payload=view.struct, summary=view.summary, payload_notice=view.notice,
         ))
+    fit_response(results, [candidates.hits[i].payload for i in rank(fused)[:top_k]], max_response_bytes)
     return results
+
+
+def video_response(video_id: str, payload: dict[str, Any], index: str,
+                   max_bytes: int) -> search_pb2.GetVideoResponse:
+    """GetVideo's answer, with the same payload defences as a search result."""
+    view: PayloadView = payload_view(video_id, payload, max_bytes)
+    return search_pb2.GetVideoResponse(video_id=video_id, payload=view.struct, index=index,
+                                       summary=view.summary, payload_notice=view.notice)
 
 
 def stage_timings(encode_ms: float, recall_ms: float, rerank_ms: float,

@@ -18,7 +18,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="FIELD=VALUE, FIELD=V1,V2 (any of) or FIELD>=N, >, <=, < (range); repeatable, ANDed")
     parser.add_argument("--no-rerank", action="store_true", help="recall only, skip the cross-encoder")
     parser.add_argument("--beta", type=float, help="fusion weight of the rerank score, 0..1 (default: server's)")
-    parser.add_argument("--address", help="host:port of the gRPC proxy (default 127.0.0.1:<serve.grpc_port>)")
+    parser.add_argument("--address", help="host:port of the gRPC proxy (default: the running stack's, else "
+                        "<serve.grpc_host>:<serve.grpc_port>)")
     parser.add_argument("--app", help="Serve application name (default serve.app_name)")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the answer (default 30)")
 
@@ -32,7 +33,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         # The API's fields are unsigned; every other range check is the server's (one
         # source of truth, and its messages name the field).
         raise CommandError("--top-k and --recall-k must be >= 1", exit_code=2)
-    address = args.address or f"127.0.0.1:{settings.serve.grpc_port}"
+    host = settings.serve.grpc_host
+    address = args.address or f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{settings.serve.grpc_port}"
     key = settings.serve.api_key.get_secret_value() if settings.serve.api_key else None
     try:
         request = build_request(args.query, top_k=args.top_k, recall_k=args.recall_k,

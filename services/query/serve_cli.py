@@ -27,7 +27,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from vidsearch.services.stack.local import (LOCAL_REPLICA_OPTIONS, StackError, check_port_free, init_ray,
+    from vidsearch.services.stack.local import (LOCAL_REPLICA_OPTIONS, StackError, check_serve_ports_free, init_ray,
                                                 run_in_foreground)
 
     if args.grpc_port is not None:
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                            exit_code=2)
     try:
         if settings.ray.address is None:
-            check_port_free(settings.serve.grpc_port, "gRPC")
+            check_serve_ports_free(settings)
         local = init_ray(settings)
     except StackError as exc:
         raise CommandError(str(exc)) from None
@@ -48,18 +48,22 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     import ray
     from ray import serve
 
-    from .deploy import deploy
+    from .deploy import app_names, deploy
 
-    apps = (settings.serve.reranker_app_name, settings.serve.app_name)
+    apps = app_names(settings)
     try:
         options = LOCAL_REPLICA_OPTIONS if local else {}
         try:
-            deploy(settings, ingress_options=copy.deepcopy(options), reranker_options=copy.deepcopy(options))
+            deploy(settings, ingress_options=copy.deepcopy(options), reranker_options=copy.deepcopy(options),
+                   web_options=copy.deepcopy(options))
         except RuntimeError as exc:
             raise CommandError(f"deploying the search service failed: {str(exc).strip().splitlines()[0]}") from None
         where = "a local Ray" if local else f"the Ray cluster at {settings.ray.address}"
         print(f"search service up on {where}: gRPC port {settings.serve.grpc_port}, applications "
               f"{apps[1]!r} (ingress) and {apps[0]!r} (reranker).", flush=True)
+        if settings.serve.web_enabled:
+            print(f"  search page: http://127.0.0.1:{settings.serve.http_port}/ (application "
+                  f"{settings.serve.web_app_name!r})", flush=True)
         if local:
             print(f"  ingest workers join with RAY_ADDRESS={ray.get_runtime_context().gcs_address} "
                   "(the embedded store lives in this Ray)", flush=True)

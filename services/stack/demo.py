@@ -183,6 +183,8 @@ def run_demo(settings: Settings, options: DemoOptions, say: Callable[[str], None
                 _show_queries(client, records, say)
             except ClientError as exc:
                 raise DemoError(f"search failed: {exc}") from None
+        if stack.page_url is not None:
+            _check_page(stack.page_url, records[0].captions[0], key, say)
         if options.once:
             say("==> done (--once): stopping the stack")
             return
@@ -206,6 +208,26 @@ def _warm_up(client: "SearchClient", query: str) -> None:
             log_event(log, "warm-up search failed", logging.DEBUG, error=str(exc))
         time.sleep(1.0)
     log_event(log, "reranker still cold after warm-up; results may be recall-only", logging.WARNING)
+
+
+def _check_page(url: str, caption: str, key: str | None, say: Callable[[str], None]) -> None:
+    """The search page answers a caption through its JSON API (the same search path)."""
+    import json
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    query = urllib.parse.urlencode({"q": caption, "top_k": 1})
+    request = urllib.request.Request(f"{url}api/search?{query}",
+                                     headers={"Authorization": f"Bearer {key}"} if key else {})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            body = json.loads(response.read())
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise DemoError(f"the search page at {url} does not answer: {exc}") from None
+    say("")
+    say(f"==> search page: {url}  (its API found {len(body.get('results', []))} result for the first caption; "
+        f"open {url}?{urllib.parse.urlencode({'q': caption})} in a browser)")
 
 
 def _show_queries(client: "SearchClient", records: list["SynthRecord"], say: Callable[[str], None]) -> None:

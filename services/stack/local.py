@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from types import FrameType
 from typing import Any, Callable, Iterator
@@ -24,7 +25,10 @@ import yaml
 
 from vidsearch.broker import EmbeddedBroker, ensure_topics
 from vidsearch.config import Settings
+from vidsearch.stack_state import StackState, env_for, remove_state, state_path, write_state
 from vidsearch.telemetry import log_event
+
+from . import bind
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +39,8 @@ MIN_LOCAL_CPUS = 4
 # Replica CPU shares on a local Ray: they mostly wait on requests.
 LOCAL_REPLICA_OPTIONS: dict[str, Any] = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}}
 WORKER_STOP_TIMEOUT_S = 30
+# A worker that ran this long before dying starts again with the initial backoff.
+WORKER_HEALTHY_AFTER_S = 60.0
 
 
 class StackError(RuntimeError):
@@ -53,15 +59,24 @@ def init_ray(settings: Settings, *, log_to_driver: bool = True) -> bool:
         return False
     address = settings.ray.address
     try:
-        ray.init(address=address, num_cpus=None if address else local_cpus(settings), include_dashboard=False,
-                 namespace="vidsearch", configure_logging=False, log_to_driver=log_to_driver)
+        if address:
+            ray.init(address=address, include_dashboard=False, namespace="vidsearch", configure_logging=False,
+                     log_to_driver=log_to_driver)
+        else:
+            # A local Ray binds ray.node_ip (loopback by default), and the Serve proxy
+            # serve.grpc_host: see bind.py for why this takes a setup hook.
+            if bind.is_loopback(settings.ray.node_ip):
+                bind.keep_ray_on_loopback()
+            ray.init(num_cpus=local_cpus(settings), include_dashboard=False, namespace="vidsearch",
+                     configure_logging=False, log_to_driver=log_to_driver, _node_ip_address=settings.ray.node_ip,
+                     runtime_env=bind.runtime_env(settings.serve.grpc_host, settings.ray.node_ip))
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = f"the Ray cluster at {address}" if address else "a local Ray"
         raise StackError(f"cannot start or join {where}: {str(exc).strip().splitlines()[0]}") from None
     return address is None
 
 
-def check_port_free(port: int, what: str) -> None:
+def check_port_free(port: int, what: str, setting: str = "serve.grpc_port") -> None:
     """Fail early with a clear message instead of a Serve proxy that never comes up."""
     import socket
 
@@ -69,8 +84,15 @@ def check_port_free(port: int, what: str) -> None:
         try:
             sock.bind(("0.0.0.0", port))
         except OSError:
-            raise StackError(f"{what} port {port} is already in use (set serve.grpc_port, "
-                             f"e.g. VIDSEARCH_SERVE__GRPC_PORT)") from None
+            env = "VIDSEARCH_" + setting.replace(".", "__", 1).upper()
+            raise StackError(f"{what} port {port} is already in use (set {setting}, e.g. {env})") from None
+
+
+def check_serve_ports_free(settings: Settings) -> None:
+    """The ports a local Serve will bind: gRPC, and HTTP when the search page is on."""
+    check_port_free(settings.serve.grpc_port, "gRPC")
+    if settings.serve.web_enabled:
+        check_port_free(settings.serve.http_port, "HTTP (search page)", "serve.http_port")
 
 
 @contextlib.contextmanager
@@ -117,6 +139,11 @@ class LocalStack:
         self._config_file: Path | None = None
         self._ray_started = False
         self._serve_started = False
+        self._state_file: Path | None = None
+        self._worker_started_at = 0.0
+        self._worker_backoff_s = settings.stack.worker_restart_initial_s
+        self._worker_restart_at: float | None = None
+        self.worker_restarts = 0
 
     # -- lifecycle ---------------------------------------------------------
     def __enter__(self) -> "LocalStack":
@@ -132,7 +159,7 @@ class LocalStack:
 
     def start(self) -> "LocalStack":
         if self._want_serve and self.settings.ray.address is None:
-            check_port_free(self.settings.serve.grpc_port, "gRPC")
+            check_serve_ports_free(self.settings)
         self._start_broker()
         self._start_ray()
         self._start_store()
@@ -141,9 +168,39 @@ class LocalStack:
             self._start_worker()
         if self._want_serve:
             self._start_serve()
+        self._write_state()
         return self
 
+    def endpoints(self) -> dict[str, str]:
+        s = self.settings
+        found = {"broker": s.broker.bootstrap or "", "ray": s.ray.address or "",
+                 "grpc": f"{s.serve.grpc_host if self._ray_started else '127.0.0.1'}:{s.serve.grpc_port}",
+                 "store": s.store.url or str(Path(s.store.path).expanduser().resolve())}
+        if self._want_worker and s.ingest.metrics_port:
+            found["metrics"] = f"{s.ingest.metrics_host}:{s.ingest.metrics_port}"
+        return found
+
+    def env(self) -> dict[str, str]:
+        """What a second process sets to use this stack (the state file's ``env``)."""
+        return env_for(self.settings, os.environ.get("RAY_AUTH_MODE"))
+
+    def _write_state(self) -> None:
+        path = state_path(self.settings)
+        state = StackState(pid=os.getpid(), started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                           endpoints=self.endpoints(), env=self.env())
+        try:
+            write_state(path, state)
+        except OSError as exc:
+            log_event(log, "cannot write the stack state file", logging.WARNING, path=str(path), error=str(exc))
+            return
+        self._state_file = path
+        log_event(log, "stack state written", path=str(path))
+
     def stop(self) -> None:
+        if self._state_file is not None:
+            remove_state(self._state_file, os.getpid())
+            self._state_file = None
+        self._worker_restart_at = None
         if self.worker is not None and self.worker.poll() is None:
             log_event(log, "stopping ingest worker", pid=self.worker.pid)
             self.worker.send_signal(signal.SIGTERM)
@@ -159,8 +216,10 @@ class LocalStack:
             if self._ray_started:
                 serve.shutdown()
             else:
-                # On a shared cluster only our two applications go; Serve itself stays.
-                for name in (self.settings.serve.app_name, self.settings.serve.reranker_app_name):
+                from vidsearch.services.query.deploy import app_names
+
+                # On a shared cluster only our applications go; Serve itself stays.
+                for name in app_names(self.settings):
                     serve.delete(name)
             self._serve_started = False
         if self._ray_started:
@@ -184,7 +243,8 @@ class LocalStack:
         broker = self.settings.broker
         topics = (broker.ingest_topic, broker.dlq_topic)
         if broker.bootstrap is None:
-            self.broker = EmbeddedBroker(partitions=broker.partitions, topics=topics).start()
+            self.broker = EmbeddedBroker(partitions=broker.partitions, topics=topics,
+                                         host=broker.embedded_host).start()
             self.settings = self.settings.model_copy(
                 update={"broker": broker.model_copy(update={"bootstrap": self.broker.bootstrap})})
             log_event(log, "embedded broker up", bootstrap=self.broker.bootstrap)
@@ -222,6 +282,8 @@ class LocalStack:
 
     def child_env(self) -> dict[str, str]:
         """Environment for child processes: every endpoint this stack resolved."""
+        if self._config_file is not None:  # a restarted worker gets a fresh file
+            self._config_file.unlink(missing_ok=True)
         fd, name = tempfile.mkstemp(prefix="vidsearch-", suffix=".yaml")
         self._config_file = Path(name)
         # Secrets stay out of the file: children inherit them from this environment.
@@ -247,24 +309,54 @@ class LocalStack:
         finally:
             if output is not None:
                 output.close()
+        self._worker_started_at = time.monotonic()
         log_event(log, "ingest worker started", pid=self.worker.pid)
 
     def _start_serve(self) -> None:
         from vidsearch.services.query.deploy import deploy
 
         options = LOCAL_REPLICA_OPTIONS if self._ray_started else {}
-        deploy(self.settings, ingress_options=copy.deepcopy(options), reranker_options=copy.deepcopy(options))
+        deploy(self.settings, ingress_options=copy.deepcopy(options), reranker_options=copy.deepcopy(options),
+               web_options=copy.deepcopy(options))
         self._serve_started = True
         log_event(log, "gRPC search service up", port=self.settings.serve.grpc_port)
+        if self.settings.serve.web_enabled:
+            log_event(log, "search page up", url=self.page_url)
+
+    @property
+    def page_url(self) -> str | None:
+        """The search page, when this stack serves it (the HTTP proxy is on loopback)."""
+        if not (self._want_serve and self.settings.serve.web_enabled):
+            return None
+        return f"http://127.0.0.1:{self.settings.serve.http_port}/"
 
     # -- waiting -----------------------------------------------------------
     def check_alive(self) -> None:
+        """Raise StackError when a piece is gone for good; restart a dead ingest worker
+        with capped exponential backoff (stack.worker_restart_*) instead of stopping:
+        the embedded broker keeps its queued messages only while the stack runs."""
         if self.worker is not None and self.worker.poll() is not None:
-            hint = f" (see {self._worker_log})" if self._worker_log is not None else ""
-            raise StackError(f"ingest worker exited with code {self.worker.returncode}{hint}")
+            self._schedule_worker_restart()
+        if self._worker_restart_at is not None and time.monotonic() >= self._worker_restart_at:
+            self._worker_restart_at = None
+            self.worker_restarts += 1
+            self._start_worker()
         if self.broker is not None and not self.broker.running:
             tail = self.broker.output_tail().strip().splitlines()
             raise StackError("embedded broker exited" + (f": {tail[-1]}" if tail else ""))
+
+    def _schedule_worker_restart(self) -> None:
+        code = self.worker.returncode
+        ran_s = time.monotonic() - self._worker_started_at
+        self.worker = None
+        if ran_s >= WORKER_HEALTHY_AFTER_S:
+            self._worker_backoff_s = self.settings.stack.worker_restart_initial_s
+        delay = self._worker_backoff_s
+        self._worker_backoff_s = min(delay * 2, self.settings.stack.worker_restart_max_s)
+        self._worker_restart_at = time.monotonic() + delay
+        log_event(log, "ingest worker exited; restarting", logging.WARNING, code=code,
+                  restart_in_s=round(delay, 2), restarts=self.worker_restarts,
+                  log=str(self._worker_log) if self._worker_log is not None else None)
 
     def wait_forever(self) -> None:
         """Until Ctrl-C / SIGTERM (returns) or a piece dies (StackError)."""

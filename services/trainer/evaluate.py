@@ -88,6 +88,16 @@ def twin_accuracy(sim: np.ndarray, owners: np.ndarray, twins: Sequence[Sequence[
     return {f"twin_{k}": 100.0 * float(np.mean(v)) for k, v in sorted(wins.items())}
 
 
+def twin_breakdown(sim: np.ndarray, owners: np.ndarray, twins: Sequence[Sequence[tuple[int, str]]]) -> dict[str, float]:
+    """Twin accuracy per exact relation ("reversed", "swap:shape", "reversed+swap:size", ...):
+    which attribute a model is blind to."""
+    wins: dict[str, list[bool]] = {}
+    for row, owner in enumerate(owners):
+        for twin, relation in twins[owner]:
+            wins.setdefault(relation, []).append(bool(sim[row, owner] > sim[row, twin]))
+    return {relation: 100.0 * float(np.mean(v)) for relation, v in sorted(wins.items())}
+
+
 @torch.no_grad()
 def moment_accuracy(model: VideoTextModel, data: EvalSet) -> dict[str, float]:
     """For every event phrase (synthetic data), is the best frame inside the event's window?

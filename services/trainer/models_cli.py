@@ -25,6 +25,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     back = sub.add_parser("rollback", help="make the previous version live again (parent, or the previous production)")
     back.add_argument("--to", metavar="VERSION", help="roll back to this version instead")
     back.add_argument("--no-progress", action="store_true", help="no progress bars")
+    # For a registry the local stack does not manage (a Kubernetes PVC or object store):
+    # the chart's ingest workers run it before they start, so the first index is built
+    # with the trained model instead of the untrained base.
+    sub.add_parser("install-shipped", help="import the trained model shipped in deploy/models as production "
+                   "when the registry has no production version (no-op otherwise)")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -35,6 +40,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             return _list(args, settings)
         if args.models_command == "show":
             return _show(args, settings)
+        if args.models_command == "install-shipped":
+            return _install_shipped(settings)
         return _rollback(args, settings)
     except RegistryError as exc:
         raise CommandError(_one_line(exc)) from None
@@ -158,4 +165,18 @@ def _rollback(args: argparse.Namespace, settings: Settings) -> int:
         raise CommandError(str(exc)) from None
     print(f"rolled back {report.previous_version} -> {report.version}")
     print(report.summary())
+    return 0
+
+
+def _install_shipped(settings: Settings) -> int:
+    from vidsearch.models.shipped import install_shipped_model, shipped_version
+
+    before = _registry(settings).get_alias(settings.model.model_name, "production")
+    version = install_shipped_model(settings)
+    if version is None:
+        reason = ("model.use_shipped is off" if not settings.model.use_shipped and shipped_version() is not None
+                  else "this installation ships no model (deploy/models is missing)")
+        raise CommandError(f"no production version in {settings.model.registry_root} and none installed: {reason}")
+    state = "already production" if before == version else "installed as production"
+    print(f"{version} {state} in {settings.model.registry_root}")
     return 0

@@ -231,13 +231,15 @@ class _Redecoder:
         """[(stored video, Encoded | FailedVideo)] in the order given."""
         from vidsearch.messages import MessageError, UpsertOp
         from vidsearch.services.ingest.batch import Batch, Item
+        from vidsearch.store_schema import source_uri
 
         batch = Batch()
         for offset, video in enumerate(videos):
             item = Item(batch, "reindex", 0, offset, None, None)
             payload = video.payload
             try:
-                item.op = UpsertOp(video.video_id, payload.get("uri") or "", dict(payload.get("metadata") or {}))
+                # The full uri when ingest kept it apart (credentials): decoding needs it.
+                item.op = UpsertOp(video.video_id, source_uri(payload), dict(payload.get("metadata") or {}))
             except MessageError as exc:
                 item.fail(exc.error_class, exc.reason)
             batch.items.append(item)

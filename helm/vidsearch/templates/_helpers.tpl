@@ -1,0 +1,274 @@
+{{/* Names, labels and the pieces every vidsearch pod shares. */}}
+
+{{- define "vidsearch.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Kept to 40 characters: KubeRay appends suffixes (-raycluster-xxxxx-head-svc) and a
+Service name must stay within 63. */}}
+{{- define "vidsearch.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" -}}
+{{- else if contains (include "vidsearch.name" .) .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name (include "vidsearch.name" .) | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "vidsearch.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "vidsearch.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "vidsearch.labels" -}}
+{{ include "vidsearch.selectorLabels" . }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{- define "vidsearch.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{- define "vidsearch.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "vidsearch.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "vidsearch.apiKeySecret" -}}
+{{- default (include "vidsearch.generatedSecret" .) .Values.apiKey.existingSecret -}}
+{{- end -}}
+
+{{- define "vidsearch.apiKeySecretKey" -}}
+{{- ternary .Values.apiKey.secretKey "api-key" (ne .Values.apiKey.existingSecret "") -}}
+{{- end -}}
+
+{{/* The generated Secret: the gRPC API key (unless one is named) and the embedded Qdrant's key. */}}
+{{- define "vidsearch.generatedSecret" -}}
+{{- printf "%s-keys" (include "vidsearch.fullname" .) -}}
+{{- end -}}
+
+{{- define "vidsearch.kafkaBootstrap" -}}
+{{- if .Values.kafka.embedded.enabled -}}
+{{- /* Namespace-qualified: producers in other namespaces use the same advertised name. */ -}}
+{{- printf "%s-kafka.%s.svc:9092" (include "vidsearch.fullname" .) .Release.Namespace -}}
+{{- else -}}
+{{- .Values.kafka.external.bootstrap -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "vidsearch.qdrantUrl" -}}
+{{- if .Values.qdrant.embedded.enabled -}}
+{{- printf "http://%s-qdrant:6333" (include "vidsearch.fullname" .) -}}
+{{- else -}}
+{{- .Values.qdrant.external.url -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "vidsearch.registryRoot" -}}
+{{- default .Values.registry.mountPath .Values.registry.url -}}
+{{- end -}}
+
+{{- define "vidsearch.registryClaim" -}}
+{{- default (printf "%s-registry" (include "vidsearch.fullname" .)) .Values.registry.pvc.existingClaim -}}
+{{- end -}}
+
+{{/* Ray Client address of the ingest RayCluster (KubeRay names its head Service <cluster>-head-svc). */}}
+{{- define "vidsearch.ingestRayAddress" -}}
+{{- printf "ray://%s-ingest-head-svc:10001" (include "vidsearch.fullname" .) -}}
+{{- end -}}
+
+{{/* Checks no schema can express (they compare two values). */}}
+{{- define "vidsearch.validate" -}}
+{{- if gt (int .Values.ingest.replicas) (int .Values.kafka.partitions) -}}
+{{- fail (printf "ingest.replicas (%d) must not exceed kafka.partitions (%d): a consumer group gives each partition to one worker, so the extra workers would sit idle" (int .Values.ingest.replicas) (int .Values.kafka.partitions)) -}}
+{{- end -}}
+{{- if and .Values.kafka.embedded.enabled .Values.kafka.external.bootstrap -}}
+{{- fail "set either kafka.external.bootstrap or kafka.embedded.enabled=true, not both" -}}
+{{- end -}}
+{{- if and .Values.qdrant.embedded.enabled .Values.qdrant.external.url -}}
+{{- fail "set either qdrant.external.url or qdrant.embedded.enabled=true, not both" -}}
+{{- end -}}
+{{- range $name, $group := dict "serve.workers" .Values.serve.workers "ingest.cluster.workers" .Values.ingest.cluster.workers -}}
+{{- if or (gt (int $group.minReplicas) (int $group.replicas)) (gt (int $group.replicas) (int $group.maxReplicas)) -}}
+{{- fail (printf "%s: need minReplicas <= replicas <= maxReplicas (got %d, %d, %d)" $name (int $group.minReplicas) (int $group.replicas) (int $group.maxReplicas)) -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.trainer.enabled (not .Values.registry.url) (has "ReadWriteOnce" .Values.registry.pvc.accessModes) (not .Values.registry.pvc.existingClaim) -}}
+{{- fail "the trainer publishes into the registry from other pods than the services: registry.pvc.accessModes needs ReadWriteMany (or use registry.url)" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Pod-level security: non-root, RuntimeDefault seccomp, volumes owned by the group. */}}
+{{- define "vidsearch.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: {{ .Values.security.runAsUser }}
+runAsGroup: {{ .Values.security.runAsGroup }}
+fsGroup: {{ .Values.security.runAsGroup }}
+fsGroupChangePolicy: OnRootMismatch
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{/* Container-level security; readOnlyRootFilesystem holds for every vidsearch process
+(writable paths are emptyDirs: /tmp for Ray's session files and caches). */}}
+{{- define "vidsearch.containerSecurityContext" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+runAsNonRoot: true
+capabilities:
+  drop: [ALL]
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{/* The environment of every vidsearch process: endpoints and secrets (as references). */}}
+{{- define "vidsearch.env" -}}
+- name: VIDSEARCH_CONFIG
+  value: /etc/vidsearch/settings.yaml
+- name: HOME
+  value: /tmp
+- name: KAFKA_BOOTSTRAP
+  value: {{ include "vidsearch.kafkaBootstrap" . | quote }}
+- name: QDRANT_URL
+  value: {{ include "vidsearch.qdrantUrl" . | quote }}
+- name: QDRANT_API_KEY
+  valueFrom:
+    secretKeyRef:
+{{- if .Values.qdrant.embedded.enabled }}
+      name: {{ include "vidsearch.generatedSecret" . }}
+      key: qdrant-api-key
+{{- else }}
+      name: {{ .Values.qdrant.external.apiKeySecret.name }}
+      key: {{ .Values.qdrant.external.apiKeySecret.key }}
+{{- end }}
+{{- if .Values.apiKey.enabled }}
+- name: VIDSEARCH_API_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "vidsearch.apiKeySecret" . }}
+      key: {{ include "vidsearch.apiKeySecretKey" . }}
+{{- end }}
+{{- if not .Values.kafka.embedded.enabled }}
+{{- with .Values.kafka.external }}
+- name: VIDSEARCH_BROKER__SECURITY_PROTOCOL
+  value: {{ .securityProtocol | quote }}
+{{- if hasPrefix "SASL_" .securityProtocol }}
+- name: VIDSEARCH_BROKER__SASL_MECHANISM
+  value: {{ .sasl.mechanism | quote }}
+- name: VIDSEARCH_BROKER__SASL_USERNAME
+  valueFrom:
+    secretKeyRef:
+      name: {{ .sasl.existingSecret }}
+      key: {{ .sasl.usernameKey }}
+- name: VIDSEARCH_BROKER__SASL_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ .sasl.existingSecret }}
+      key: {{ .sasl.passwordKey }}
+{{- end }}
+{{- if and .tls.caSecret (hasSuffix "SSL" .securityProtocol) }}
+- name: VIDSEARCH_BROKER__SSL_CAFILE
+  value: /var/run/secrets/vidsearch/kafka-ca/{{ .tls.caKey }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{- define "vidsearch.envFrom" -}}
+{{- if .Values.registry.url }}
+- secretRef:
+    name: {{ .Values.registry.credentialsSecret }}
+{{- end }}
+{{- end -}}
+
+{{/* Volumes of every vidsearch pod: settings, scratch, shared memory, registry, videos, CAs. */}}
+{{- define "vidsearch.volumes" -}}
+- name: settings
+  configMap:
+    name: {{ include "vidsearch.fullname" . }}-settings
+- name: tmp
+  emptyDir: {}
+{{- if not .Values.registry.url }}
+- name: registry
+  persistentVolumeClaim:
+    claimName: {{ include "vidsearch.registryClaim" . }}
+{{- else }}
+- name: registry-credentials
+  secret:
+    secretName: {{ .Values.registry.credentialsSecret }}
+{{- end }}
+{{- if .Values.videos.existingClaim }}
+- name: videos
+  persistentVolumeClaim:
+    claimName: {{ .Values.videos.existingClaim }}
+    readOnly: true
+{{- end }}
+{{- if and (not .Values.kafka.embedded.enabled) .Values.kafka.external.tls.caSecret }}
+- name: kafka-ca
+  secret:
+    secretName: {{ .Values.kafka.external.tls.caSecret }}
+{{- end }}
+{{- end -}}
+
+{{- define "vidsearch.volumeMounts" -}}
+- name: settings
+  mountPath: /etc/vidsearch
+  readOnly: true
+- name: tmp
+  mountPath: /tmp
+{{- if not .Values.registry.url }}
+- name: registry
+  mountPath: {{ .Values.registry.mountPath }}
+{{- else }}
+- name: registry-credentials
+  mountPath: /var/run/secrets/vidsearch/registry
+  readOnly: true
+{{- end }}
+{{- if .Values.videos.existingClaim }}
+- name: videos
+  mountPath: {{ .Values.videos.mountPath }}
+  readOnly: true
+{{- end }}
+{{- if and (not .Values.kafka.embedded.enabled) .Values.kafka.external.tls.caSecret }}
+- name: kafka-ca
+  mountPath: /var/run/secrets/vidsearch/kafka-ca
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{/* Node placement: a group's own, else the chart-wide one. Called with (dict "root" $ "group" $group). */}}
+{{- define "vidsearch.placement" -}}
+{{- $root := .root -}}
+{{- $g := .group -}}
+{{- with (default $root.Values.placement.nodeSelector $g.nodeSelector) }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with (default $root.Values.placement.tolerations $g.tolerations) }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with (default $root.Values.placement.affinity $g.affinity) }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* Resources with the GPU count added to requests and limits. Called with (dict "resources" r "gpus" n). */}}
+{{- define "vidsearch.gpuResources" -}}
+{{- $r := deepCopy .resources -}}
+{{- if gt (int .gpus) 0 -}}
+{{- $_ := set $r.requests "nvidia.com/gpu" (int .gpus) -}}
+{{- $_ := set $r.limits "nvidia.com/gpu" (int .gpus) -}}
+{{- end -}}
+{{- toYaml $r -}}
+{{- end -}}

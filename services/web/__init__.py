@@ -1,0 +1,1 @@
+"""The search page: an HTTP Serve application in front of the gRPC search path."""
