@@ -44,8 +44,11 @@ def configure_logging(level: str = "INFO") -> None:
     root.setLevel(level.upper())
     # Client libraries narrate every connection at INFO ("<BrokerConnection ...>
     # connecting"); they speak up at WARNING unless the user asked for DEBUG.
+    debug = level.upper() == "DEBUG"
     for name in NOISY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.DEBUG if level.upper() == "DEBUG" else logging.WARNING)
+        logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.WARNING)
+    # Its "task ran for 0.1s" warning is about this machine's load, not the broker.
+    logging.getLogger("kafka.net.selector").setLevel(logging.DEBUG if debug else logging.ERROR)
 
 
 def log_event(logger: logging.Logger, msg: str, level: int = logging.INFO, **fields) -> None:

@@ -666,3 +666,14 @@ def test_field_list_derivation_prunes_embedded_core_objects():
                      "spec.groups[].template": {"core": "PodTemplateSpec"}}
     recorded = json.loads((ROOT / "tests" / "kuberay" / "ray.io-v1-fields.json").read_text())
     assert recorded["kuberay_version"] and set(recorded["kinds"]) == {"RayCluster", "RayJob", "RayService"}
+
+
+def test_packaged_chart_carries_the_serve_config_file(tmp_path):
+    """`helm package` follows files/serve_config.yaml's link: a packaged chart holds the file."""
+    import tarfile
+
+    archive = helm_python.package(str(CHART), destination=str(tmp_path))
+    with tarfile.open(archive) as tar:
+        member = tar.getmember("vidsearch/files/serve_config.yaml")
+        assert member.isfile()
+        assert tar.extractfile(member).read() == (ROOT / "deploy" / "serve_config.yaml").read_bytes()

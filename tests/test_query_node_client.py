@@ -59,6 +59,7 @@ def test_node_client_search_get_video_and_bad_inputs(node_modules, query_service
     assert bad["top_k"]["code"] == INVALID_ARGUMENT and bad["top_k"]["details"].startswith("top_k")
     assert bad["unknown_field"]["code"] == INVALID_ARGUMENT and "unknown filter field" in bad["unknown_field"]["details"]
     assert bad["empty_value"]["code"] == INVALID_ARGUMENT and "filters[0].equals" in bad["empty_value"]["details"]
+    assert "stringValue" in bad["empty_value"]["details"]
     assert bad["missing_video"]["code"] == NOT_FOUND
 
 

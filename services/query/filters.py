@@ -91,6 +91,13 @@ def _bound(where: str, value: Any, kind: str) -> int | float | str:
     raise RequestError(where, f"must be a number or an RFC 3339 datetime string (got {_kind_name(which)})")
 
 
+# An empty Value is what a client sends when it spelled the field in a way its library
+# does not know: protobufjs (@grpc/proto-loader) bundles struct.proto with camelCase
+# names, so `string_value` is dropped there even with keepCase. Say so, not just "nothing".
+EMPTY_VALUE = ("an empty Value: set one of string_value, number_value, bool_value "
+               "(protobufjs and @grpc/proto-loader spell them stringValue, numberValue, boolValue)")
+
+
 def _kind_name(which: str | None) -> str:
     return {"null_value": "null", "struct_value": "an object", "list_value": "a list",
-            "bool_value": "a boolean", None: "nothing"}.get(which, which or "nothing")
+            "bool_value": "a boolean", None: EMPTY_VALUE}.get(which, which or EMPTY_VALUE)

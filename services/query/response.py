@@ -10,7 +10,7 @@ from vidsearch.store_schema import Hit
 from vidsearch.v1 import search_pb2
 
 from .fusion import best_moments, frame_text_cosine, fuse, rank
-from .payloads import PayloadView, fit_response, payload_view, to_struct  # noqa: F401 (re-export)
+from .payloads import PayloadView, fit_response, payload_view
 
 
 @dataclass

@@ -23,7 +23,8 @@ const call = (method, request) => new Promise((resolve) => {
   const out = {};
   const search = await call("Search", {
     query: "a red clip", top_k: 5, rerank: false,
-    filters: [{ field: "category", equals: { string_value: "sports" } }],
+    // protobufjs bundles google/protobuf/struct.proto with camelCase field names.
+    filters: [{ field: "category", equals: { stringValue: "sports" } }],
   });
   out.search = search.response ? search.response.results.map((r) => ({
     video_id: r.video_id, title: r.summary.title, tags: r.summary.tags, duration_s: r.summary.duration_s,
@@ -36,9 +37,10 @@ const call = (method, request) => new Promise((resolve) => {
   // Three bad inputs, each with its status code.
   out.bad = {
     top_k: (await call("Search", { query: "x", top_k: 101 })),
-    unknown_field: (await call("Search", { query: "x", filters: [{ field: "nope", equals: { string_value: "a" } }] })),
-    // camelCase is not a field name with keepCase: the value arrives empty and is refused, not dropped.
-    empty_value: (await call("Search", { query: "x", filters: [{ field: "category", equals: { stringValue: "a" } }] })),
+    unknown_field: (await call("Search", { query: "x", filters: [{ field: "nope", equals: { stringValue: "a" } }] })),
+    // struct.proto's own spelling is unknown to protobufjs: the Value arrives empty and
+    // is refused with a hint, never silently dropped.
+    empty_value: (await call("Search", { query: "x", filters: [{ field: "category", equals: { string_value: "a" } }] })),
     missing_video: (await call("GetVideo", { video_id: "no-such-video" })),
   };
   console.log(JSON.stringify(out));
