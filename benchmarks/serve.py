@@ -762,7 +762,9 @@ def main(argv: list[str] | None = None) -> int:
         "serve": ServeSettings(grpc_port=common.free_port(), app_name=f"vidsearch-bench-{suffix}",
                                reranker_app_name=f"vidsearch-bench-reranker-{suffix}",
                                default_recall_k=args.recall_k, default_top_k=args.top_k,
-                               default_deadline_s=args.deadline_s),
+                               default_deadline_s=args.deadline_s,
+                               # The search page is no part of what is measured: no page replica.
+                               web_enabled=False),
     })
     # The same stack with reranker batching off, deployed side by side under other app names,
     # so that batched and unbatched runs can alternate instead of following each other.

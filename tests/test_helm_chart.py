@@ -168,18 +168,86 @@ def serve_config(docs: list[dict[str, Any]]) -> dict[str, Any]:
     return yaml.safe_load(service["spec"]["serveConfigV2"])
 
 
-def test_serve_config_is_deploy_serve_config_yaml(rendered):
+SERVE_CONFIG = ROOT / "deploy" / "serve_config.yaml"
+WEB_APP = "vidsearch-web"  # the name the chart drops (templates/rayservice.yaml)
+WEB_ON = {"serve": {"web": {"enabled": True}}}
+
+
+def file_serve_config(*, web: bool) -> dict[str, Any]:
+    """deploy/serve_config.yaml as the chart renders it: without the search page (the
+    default), or whole with the HTTP proxy on every interface, so the Service reaches it."""
+    config = yaml.safe_load(SERVE_CONFIG.read_text())
+    if web:
+        config["http_options"]["host"] = "0.0.0.0"
+    else:
+        config["applications"] = [app for app in config["applications"] if app["name"] != WEB_APP]
+    return config
+
+
+def test_serve_config_is_deploy_serve_config_yaml_without_the_page(rendered):
+    from vidsearch.config import ServeSettings
+
     link = CHART / "files" / "serve_config.yaml"
-    assert link.is_symlink() and link.resolve() == (ROOT / "deploy" / "serve_config.yaml").resolve()
-    expected = yaml.safe_load((ROOT / "deploy" / "serve_config.yaml").read_text())
+    assert link.is_symlink() and link.resolve() == SERVE_CONFIG.resolve()
+    # The page is in the file under the name the chart drops: leaving it out is no no-op.
+    assert WEB_APP == ServeSettings().web_app_name
+    assert WEB_APP in {app["name"] for app in yaml.safe_load(SERVE_CONFIG.read_text())["applications"]}
+    expected = file_serve_config(web=False)
+    assert [app["name"] for app in expected["applications"]] == ["vidsearch-reranker", "vidsearch"]
+    assert expected["http_options"] == {"host": "127.0.0.1", "port": 8000}
     assert serve_config(rendered["default"]) == expected
     assert serve_config(rendered["external-values"]) == expected
 
 
+def test_serve_web_enabled_renders_the_whole_file_and_exposes_the_page(chart):
+    docs = documents(render(chart, {**WEB_ON, "videos": {"existingClaim": "videos"}}))
+    assert serve_config(docs) == file_serve_config(web=True)
+    (service,) = find(docs, "RayService")
+    ports = service["spec"]["serveService"]["spec"]["ports"]
+    assert ports[1] == {"name": "http", "port": 8000, "targetPort": "http", "appProtocol": "http"}
+    for _, template in ray_pod_templates(service):
+        container = template["spec"]["containers"][0]
+        assert {"name": "http", "containerPort": 8000} in container["ports"]
+        # /media streams and /thumb decodes the source files: the serving pods mount them.
+        assert {"name": "videos", "mountPath": "/data/videos", "readOnly": True} in container["volumeMounts"]
+    settings = yaml.safe_load(find(docs, "ConfigMap", f"{FULLNAME}-settings")[0]["data"]["settings.yaml"])
+    assert settings["serve"]["web_enabled"] is True and settings["serve"]["http_port"] == 8000
+    notes = render(chart, WEB_ON)["vidsearch/templates/NOTES.txt"]
+    assert f"port-forward svc/{FULLNAME}-grpc 8000" in notes and "http://127.0.0.1:8000/" in notes
+
+
+def test_serve_http_port_moves_the_proxy_the_service_and_the_probe(chart):
+    docs = documents(render(chart, {"serve": {"httpPort": 8100, "web": {"enabled": True}}}))
+    expected = file_serve_config(web=True)
+    expected["http_options"]["port"] = 8100
+    assert serve_config(docs) == expected
+    (service,) = find(docs, "RayService")
+    assert service["spec"]["serveService"]["spec"]["ports"][1]["port"] == 8100
+    worker = service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    assert "http://localhost:8100/-/healthz" in worker["readinessProbe"]["exec"]["command"][-1]
+    # Off, the port still moves (Serve's proxy always runs: the probe checks it), the page stays out.
+    docs = documents(render(chart, {"serve": {"httpPort": 8100}}))
+    assert serve_config(docs)["http_options"] == {"host": "127.0.0.1", "port": 8100}
+    assert WEB_APP not in {app["name"] for app in serve_config(docs)["applications"]}
+
+
+def test_the_page_is_off_and_unexposed_by_default(rendered, chart):
+    docs = rendered["default"]
+    (service,) = find(docs, "RayService")
+    assert [p["name"] for p in service["spec"]["serveService"]["spec"]["ports"]] == ["grpc"]
+    for _, template in ray_pod_templates(service):
+        assert "http" not in {p["name"] for p in template["spec"]["containers"][0]["ports"]}
+    settings = yaml.safe_load(find(docs, "ConfigMap", f"{FULLNAME}-settings")[0]["data"]["settings.yaml"])
+    assert settings["serve"]["web_enabled"] is False
+    assert "search page" not in render(chart, {})["vidsearch/templates/NOTES.txt"]
+
+
 def test_values_override_only_the_autoscaling_they_name(rendered):
-    expected = yaml.safe_load((ROOT / "deploy" / "serve_config.yaml").read_text())
+    expected = file_serve_config(web=True)  # gpu-values turns the page on
     gpu_values = VALUE_SETS["gpu-values"]["serve"]
-    overrides = {"SearchIngress": gpu_values["query"]["autoscaling"], "Reranker": gpu_values["reranker"]["autoscaling"]}
+    assert gpu_values["web"]["enabled"] is True
+    overrides = {"SearchIngress": gpu_values["query"]["autoscaling"], "Reranker": gpu_values["reranker"]["autoscaling"],
+                 "SearchWeb": gpu_values["web"]["autoscaling"]}
     for app in expected["applications"]:
         for deployment in app["deployments"]:
             # Other applications in the file are passed through as they are.
@@ -234,6 +302,12 @@ EXTERNAL_QDRANT = {"embedded": {"enabled": False}, "external": {"url": "http://q
     (with_values(settings__store={"api_key": "plain-text"}), "/settings/store"),
     (with_values(security__runAsUser=0), "/security/runAsUser"),
     (with_values(serve__workers__resources={"limits": None}), "/serve/workers/resources"),  # null drops the default
+    (with_values(serve__web__bogus=True), "bogus"),
+    (with_values(serve__web__enabled="yes"), "/serve/web/enabled"),
+    (with_values(serve__web__autoscaling={"max_replicas": 0}), "/serve/web/autoscaling/max_replicas"),
+    (with_values(serve__httpPort=80), "/serve/httpPort"),  # the pods run as non-root
+    (with_values(settings__serve={"web_enabled": True}), "/settings/serve"),  # the chart's: serve.web.enabled
+    (with_values(settings__serve={"http_port": 9000}), "/settings/serve"),
 ])
 def test_values_schema_rejects_with_a_message_naming_the_value(chart, values, message):
     with pytest.raises(helm_python.HelmError) as excinfo:
@@ -253,6 +327,8 @@ def test_more_ingest_workers_than_partitions_fails_with_a_clear_message(chart):
     ({"kafka": {"external": {"bootstrap": "k:9092"}}}, "not both"),
     ({"serve": {"workers": {"replicas": 9, "maxReplicas": 4}}}, "serve.workers: need minReplicas <= replicas"),
     ({"trainer": {"enabled": True}}, "trainer.enabled needs trainer.dataClaim"),
+    ({"serve": {"httpPort": 50051}}, "serve.httpPort (50051) is already the port of serve.grpcPort"),
+    ({"serve": {"httpPort": 8080, "web": {"enabled": True}}}, "serve.httpPort (8080) is already the port of Ray's metrics"),
 ])
 def test_template_checks_fail_with_a_clear_message(chart, values, message):
     with pytest.raises(helm_python.HelmError) as excinfo:
@@ -375,13 +451,17 @@ def test_gpu_values_request_gpus_place_pods_and_autoscale(rendered):
     assert "--gpu" in job["spec"]["entrypoint"] and "--workers 2" in job["spec"]["entrypoint"]
 
 
-def test_network_policy_admits_grpc_only_from_labelled_clients(rendered):
+def test_network_policy_admits_grpc_only_from_labelled_clients(rendered, chart):
     policies = {d["metadata"]["name"]: d["spec"] for d in find(rendered["gpu-values"], "NetworkPolicy")}
     grpc = policies[f"{FULLNAME}-grpc-clients"]
     assert grpc["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "serve"
     (rule,) = grpc["ingress"]
-    assert rule["ports"] == [{"protocol": "TCP", "port": 50051}]
+    # gpu-values turns the search page on: its HTTP port is admitted from the same clients.
+    assert rule["ports"] == [{"protocol": "TCP", "port": 50051}, {"protocol": "TCP", "port": 8000}]
     assert rule["from"][0]["podSelector"]["matchLabels"] == {"vidsearch-client": "true"}
+    off = {d["metadata"]["name"]: d["spec"] for d in find(documents(render(chart, {"networkPolicy": {"enabled": True}})),
+                                                          "NetworkPolicy")}
+    assert off[f"{FULLNAME}-grpc-clients"]["ingress"][0]["ports"] == [{"protocol": "TCP", "port": 50051}]
     internal = policies[f"{FULLNAME}-internal"]
     assert internal["ingress"][0]["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/instance"] == RELEASE
     # The helm test pod is a labelled client.

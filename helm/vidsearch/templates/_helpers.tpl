@@ -102,6 +102,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- fail (printf "%s: need minReplicas <= replicas <= maxReplicas (got %d, %d, %d)" $name (int $group.minReplicas) (int $group.replicas) (int $group.maxReplicas)) -}}
 {{- end -}}
 {{- end -}}
+{{- /* Both Serve proxies bind on every serving pod, beside Ray's own ports. */ -}}
+{{- $taken := dict "6379" "Ray's GCS" "8080" "Ray's metrics" "8265" "Ray's dashboard" "10001" "Ray Client" "52365" "Ray's dashboard agent" (toString (int .Values.serve.grpcPort)) "serve.grpcPort" -}}
+{{- with get $taken (toString (int .Values.serve.httpPort)) -}}
+{{- fail (printf "serve.httpPort (%d) is already the port of %s on the serving pods: pick another" (int $.Values.serve.httpPort) .) -}}
+{{- end -}}
 {{- if and .Values.trainer.enabled (not .Values.registry.url) (has "ReadWriteOnce" .Values.registry.pvc.accessModes) (not .Values.registry.pvc.existingClaim) -}}
 {{- fail "the trainer publishes into the registry from other pods than the services: registry.pvc.accessModes needs ReadWriteMany (or use registry.url)" -}}
 {{- end -}}

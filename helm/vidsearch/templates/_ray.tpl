@@ -47,6 +47,9 @@ spec:
         - {name: metrics, containerPort: 8080}
         {{- if .serve }}
         - {name: grpc, containerPort: {{ $root.Values.serve.grpcPort }}}
+        {{- if $root.Values.serve.web.enabled }}
+        - {name: http, containerPort: {{ $root.Values.serve.httpPort }}}
+        {{- end }}
         {{- end }}
       resources:
         {{- include "vidsearch.gpuResources" (dict "resources" .group.resources "gpus" (default 0 .gpus)) | nindent 8 }}
@@ -58,7 +61,7 @@ spec:
           command:
             - bash
             - -c
-            - {{ include "vidsearch.rayHealth" (dict "role" .role "serve" false) | quote }}
+            - {{ include "vidsearch.rayHealth" (dict "role" .role "serve" false "httpPort" $root.Values.serve.httpPort) | quote }}
         initialDelaySeconds: 30
         periodSeconds: 10
         timeoutSeconds: 5
@@ -68,7 +71,7 @@ spec:
           command:
             - bash
             - -c
-            - {{ include "vidsearch.rayHealth" (dict "role" .role "serve" (and .serve (eq .role "worker"))) | quote }}
+            - {{ include "vidsearch.rayHealth" (dict "role" .role "serve" (and .serve (eq .role "worker")) "httpPort" $root.Values.serve.httpPort) | quote }}
         initialDelaySeconds: 10
         periodSeconds: 5
         timeoutSeconds: 5
@@ -97,7 +100,8 @@ spec:
 {{- $checks = append $checks "wget -T 2 -q -O- http://localhost:8265/api/gcs_healthz | grep -q success" -}}
 {{- end -}}
 {{- if .serve -}}
-{{- $checks = append $checks "wget -T 2 -q -O- http://localhost:8000/-/healthz | grep -q success" -}}
+{{- /* Serve's HTTP proxy runs on every node whether or not the page is deployed. */ -}}
+{{- $checks = append $checks (printf "wget -T 2 -q -O- http://localhost:%v/-/healthz | grep -q success" .httpPort) -}}
 {{- end -}}
 {{- join " && " $checks -}}
 {{- end -}}
