@@ -72,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     from vidsearch.telemetry import configure_logging
 
     # Client commands print their own answer; progress logs would only bury it.
-    configure_logging(args.log_level or ("WARNING" if head.command in QUIET_COMMANDS else "INFO"))
+    # Resolved once: commands pass args.log_level on (to Ray workers, for one).
+    args.log_level = args.log_level or ("WARNING" if head.command in QUIET_COMMANDS else "INFO")
+    configure_logging(args.log_level)
     try:
         settings = load_settings(args.config)
         if head.command in ATTACHING_COMMANDS:
