@@ -455,3 +455,22 @@ def run_vidsearch(args: list[str], *, env: dict[str, str] | None = None, cwd: Pa
              if not k.startswith("VIDSEARCH_") and k not in ("KAFKA_BOOTSTRAP", "QDRANT_URL", "RAY_ADDRESS")}
     return subprocess.run([str(script), "--log-level", "WARNING", *args], env={**clean, **(env or {})}, cwd=cwd,
                           capture_output=True, text=True, timeout=timeout_s)
+
+
+def nested_metadata(levels: int) -> dict:
+    """A metadata object nested ``levels`` deep (the object itself is level 1)."""
+    top: dict = {}
+    cur = top
+    for _ in range(levels - 1):
+        cur["a"] = {}
+        cur = cur["a"]
+    return top
+
+
+def run_until_settled(worker: Any, upserts: int, dlq: int, timeout_s: float) -> bool:
+    """Step ``worker`` until it stored ``upserts`` videos, dead-lettered ``dlq`` messages
+    and has nothing in flight (False on timeout)."""
+    return worker.run_until(
+        lambda w: w.metrics.value("vidsearch_ingest_videos_total", op="upsert") >= upserts
+        and w.metrics.total("vidsearch_ingest_dlq_total") >= dlq and w.inflight_batches == 0,
+        timeout_s)

@@ -20,7 +20,8 @@ from vidsearch.video_writer import write_video
 
 from ingest_support import (  # noqa: F401 - fixtures
     encoder_pool, ensure_topic, fully_committed, group_lag, model_registry, produce_to,
-    read_records, settings_for, store_path, stored_ids, upsert_msg, uri, video_root, write_clip,
+    read_records, run_until_settled, settings_for, store_path, stored_ids, upsert_msg, uri, video_root,
+    write_clip,
 )
 
 TIMEOUT_S = 120
@@ -141,10 +142,7 @@ def test_every_permanent_failure_goes_to_the_dlq_and_good_messages_behind_it_are
 
     worker = IngestWorker(settings, pool=encoder_pool)
     try:
-        done = worker.run_until(
-            lambda w: w.metrics.value("vidsearch_ingest_videos_total", op="upsert") >= len(GOOD)
-            and w.metrics.total("vidsearch_ingest_dlq_total") >= len(cases) and w.inflight_batches == 0,
-            TIMEOUT_S)
+        done = run_until_settled(worker, upserts=len(GOOD), dlq=len(cases), timeout_s=TIMEOUT_S)
         assert done, worker.metrics.snapshot()
         collection = worker.collection
     finally:

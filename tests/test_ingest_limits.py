@@ -14,6 +14,8 @@ from vidsearch.dlq import (decode_dlq_bytes, dlq_key, dlq_record, minimal_dlq_re
 from vidsearch.messages import BAD_JSON, BAD_MESSAGE, MessageError, UpsertOp, parse_ingest_message
 from vidsearch.store_schema import SOURCE_URI_FIELD, build_payload, source_uri
 
+from ingest_support import nested_metadata
+
 LIMITS = MessageSettings()
 
 
@@ -21,20 +23,11 @@ def _upsert(metadata: object = None, uri: str = "file:///data/a.mp4") -> bytes:
     return json.dumps({"op": "upsert", "video_id": "v", "uri": uri, "metadata": metadata or {}}).encode()
 
 
-def _nested(levels: int) -> dict:
-    top: dict = {}
-    cur = top
-    for _ in range(levels - 1):
-        cur["a"] = {}
-        cur = cur["a"]
-    return top
-
-
 # (name, value bytes, error class, the fragment the reason must contain: the limit it names)
 BAD = [
     ("5 MB message", _upsert({"x": "y" * (5 * 1024 * 1024)}), BAD_MESSAGE, "messages.max_bytes=1048576"),
-    ("nested 50 deep", _upsert(_nested(50)), BAD_MESSAGE, "messages.max_metadata_depth=8"),
-    ("nested 9 deep", _upsert(_nested(9)), BAD_MESSAGE, "messages.max_metadata_depth=8"),
+    ("nested 50 deep", _upsert(nested_metadata(50)), BAD_MESSAGE, "messages.max_metadata_depth=8"),
+    ("nested 9 deep", _upsert(nested_metadata(9)), BAD_MESSAGE, "messages.max_metadata_depth=8"),
     ("arrays nested deep", _upsert({"a": [[[[[[[[["x"]]]]]]]]]}), BAD_MESSAGE, "max_metadata_depth"),
     ("metadata over 16 KiB", _upsert({f"k{i}": "x" * 1000 for i in range(20)}), BAD_MESSAGE,
      "messages.max_metadata_bytes=16384"),
@@ -66,7 +59,7 @@ def test_each_limit_is_a_bad_message_naming_it(name, value, error_class, fragmen
 
 
 def test_values_at_the_limits_are_accepted():
-    ok = {"title": "t" * 4096, "n": 2**53 - 1, "m": -(2**53 - 1), "f": 1.5e300, "deep": _nested(7),
+    ok = {"title": "t" * 4096, "n": 2**53 - 1, "m": -(2**53 - 1), "f": 1.5e300, "deep": nested_metadata(7),
           "tags": ["a"] * 10}
     op = parse_ingest_message(_upsert(ok), b"v")
     assert isinstance(op, UpsertOp) and op.metadata["n"] == 2**53 - 1
@@ -76,10 +69,10 @@ def test_limits_come_from_settings():
     settings = load_settings(env={"VIDSEARCH_MESSAGES__MAX_METADATA_DEPTH": "3",
                                   "VIDSEARCH_MESSAGES__MAX_INTEGER": "1000"})
     with pytest.raises(MessageError, match="max_metadata_depth=3"):
-        parse_ingest_message(_upsert(_nested(4)), None, settings.messages)
+        parse_ingest_message(_upsert(nested_metadata(4)), None, settings.messages)
     with pytest.raises(MessageError, match="max_integer=1000"):
         parse_ingest_message(_upsert({"n": 1001}), None, settings.messages)
-    parse_ingest_message(_upsert(_nested(4)), None, Settings().messages)  # the defaults allow it
+    parse_ingest_message(_upsert(nested_metadata(4)), None, Settings().messages)  # the defaults allow it
 
 
 def test_dlq_record_of_a_poison_message_fits_the_request_limit():

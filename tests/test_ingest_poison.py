@@ -17,8 +17,8 @@ from vidsearch.services.ingest.worker import IngestWorker
 from vidsearch.store import open_store
 
 from ingest_support import (  # noqa: F401 - fixtures
-    encoder_pool, ensure_topic, fully_committed, group_lag, model_registry, read_records, run_vidsearch,
-    settings_for, store_path, stored_ids, upsert_msg, uri, video_root,
+    encoder_pool, ensure_topic, fully_committed, group_lag, model_registry, nested_metadata, read_records,
+    run_until_settled, run_vidsearch, settings_for, store_path, stored_ids, upsert_msg, uri, video_root,
 )
 
 TIMEOUT_S = 120
@@ -43,15 +43,6 @@ def _body(video_id: str, uri_text: str, metadata: object) -> bytes:
     return json.dumps({"op": "upsert", "video_id": video_id, "uri": uri_text, "metadata": metadata}).encode()
 
 
-def _nested(levels: int) -> dict:
-    top: dict = {}
-    cur = top
-    for _ in range(levels - 1):
-        cur["a"] = {}
-        cur = cur["a"]
-    return top
-
-
 def _poison(root) -> list[tuple[str, bytes, str, str]]:
     """(key, value, error class, reason fragment), in the order they are produced."""
     clip = uri(root / "clip-000.mp4")
@@ -61,7 +52,7 @@ def _poison(root) -> list[tuple[str, bytes, str, str]]:
          "not valid JSON"),
         ("huge", _body("huge", clip, {"blob": "x" * (5 * 1024 * 1024)}), "bad_message",
          "over the limit messages.max_bytes=1048576"),
-        ("deep", _body("deep", clip, _nested(50)), "bad_message", "over the limit messages.max_metadata_depth=8"),
+        ("deep", _body("deep", clip, nested_metadata(50)), "bad_message", "over the limit messages.max_metadata_depth=8"),
         ("fat", _body("fat", clip, {f"f{i}": "x" * 1000 for i in range(200)}), "bad_message",
          "over the limit messages.max_metadata_bytes=16384"),
         ("bigint", _body("bigint", clip, {"n": 2**60}), "bad_message", "messages.max_integer"),
@@ -79,7 +70,7 @@ def test_poison_messages_go_to_the_dlq_bounded_and_the_good_ones_behind_them_are
     bootstrap = broker.bootstrap
     ensure_topic(bootstrap, topic)
     poison = _poison(video_root)
-    at_limits = {"title": "t" * 4096, "n": 2**53 - 1, "deep": _nested(7), "tags": ["a", "b"]}  # depth 8 in all
+    at_limits = {"title": "t" * 4096, "n": 2**53 - 1, "deep": nested_metadata(7), "tags": ["a", "b"]}  # depth 8 in all
     good = [upsert_msg("good-plain", video_root / "clip-001.mp4"),
             # Credentials in a good uri: stored apart, never in the payload's `uri`.
             ("good-token".encode(), _body("good-token", uri(video_root / "clip-002.mp4") + "?token=s3cr3t",
@@ -90,10 +81,7 @@ def test_poison_messages_go_to_the_dlq_bounded_and_the_good_ones_behind_them_are
 
     worker = IngestWorker(settings, pool=encoder_pool)
     try:
-        done = worker.run_until(
-            lambda w: w.metrics.value("vidsearch_ingest_videos_total", op="upsert") >= len(good)
-            and w.metrics.total("vidsearch_ingest_dlq_total") >= len(poison) and w.inflight_batches == 0,
-            TIMEOUT_S)
+        done = run_until_settled(worker, upserts=len(good), dlq=len(poison), timeout_s=TIMEOUT_S)
         assert done, worker.metrics.snapshot()
         worker._refresh_lag(force=True)
         snapshot = worker.metrics.snapshot()

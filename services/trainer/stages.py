@@ -142,8 +142,10 @@ def caption_negatives(bank: CaptionBank, index: np.ndarray, count: int,
     return CaptionNegatives(texts=texts, owners=torch.as_tensor(owners), valid=valid)
 
 
-def _negatives_rng(seed: int, stage: str, step: int, rank: int) -> np.random.Generator:
-    return step_rng(seed, STAGE_IDS[stage], step, 10 + rank)
+def _step_negatives(bank: CaptionBank, index: np.ndarray, count: int, seed: int, stage: str, step: int,
+                    rank: int) -> CaptionNegatives | None:
+    """A stage step's caption negatives, reproducible from (seed, stage, step, rank) like its batch."""
+    return caption_negatives(bank, index, count, step_rng(seed, STAGE_IDS[stage], step, 10 + rank))
 
 
 def _shard(index: np.ndarray, rank: int, world: int) -> np.ndarray:
@@ -172,8 +174,7 @@ def backbone_loss(model: VideoTextModel, cache: FrameCache, bank: CaptionBank, p
         b, t = mask.shape
         encoded = model.encode_frames(pixels.flatten(0, 1).to(model.device)).view(b, t, -1)
         video = model.aggregate(encoded, mask)
-        negatives = caption_negatives(bank, index, config.caption_negatives,
-                                      _negatives_rng(seed, "backbone", step, rank))
+        negatives = _step_negatives(bank, index, config.caption_negatives, seed, "backbone", step, rank)
         extra_texts = negatives.texts if negatives is not None else []
         text = model.encode_text([bank.captions[i][c] for i, c in zip(index, picks)] + extra_texts)
         text, extra = text[:b], text[b:]
@@ -230,8 +231,7 @@ def teacher_loss(model: VideoTextModel, features: FrozenFeatures, bank: CaptionB
         scores, _ = model.score_matrix(text, frames, mask)
         scale = model.scorer.logit_scale.exp()
         extra = None
-        negatives = caption_negatives(bank, index, config.caption_negatives,
-                                      _negatives_rng(seed, "teacher", step, rank))
+        negatives = _step_negatives(bank, index, config.caption_negatives, seed, "teacher", step, rank)
         if negatives is not None:
             # Scored against their own video only: a [B,E] cross-encoder pass would cost E times the batch.
             with torch.no_grad():
@@ -270,8 +270,7 @@ def distill_loss(model: VideoTextModel, teacher: VideoTextModel, features: Froze
         scale = model.clip.logit_scale.exp().detach()
         student = scale * (text @ video.T)
         extra = None
-        negatives = caption_negatives(bank, index, config.caption_negatives,
-                                      _negatives_rng(seed, "distill", step, rank))
+        negatives = _step_negatives(bank, index, config.caption_negatives, seed, "distill", step, rank)
         if negatives is not None:
             with torch.no_grad():
                 changed = model.encode_text(negatives.texts)
