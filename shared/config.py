@@ -110,13 +110,23 @@ class DecodeSettings(_Section):
         description="roots a file uri must resolve inside (after symlinks), or url prefixes",
     )
     max_bytes: int = Field(512 * 1024 * 1024, ge=1, description='largest video file accepted')
-    max_duration_s: float = Field(600.0, gt=0, description='longest video accepted (seconds)')
+    max_duration_s: float = Field(3600.0, gt=0, description='longest video accepted (seconds)')
     max_pixels: int = Field(3840 * 2160, ge=1, description="width x height limit")
     max_frames: int = Field(64, ge=1, description='most frames sampled from one video')
     num_frames: int = Field(12, ge=1, description='frames sampled per video when sampling=uniform')
     sampling: Literal["uniform", "fps"] = Field("uniform", description='uniform (num_frames spread over the video) | fps')
     fps: float = Field(1.0, gt=0, description="frames per second when sampling=fps")
     threads: int = Field(0, ge=0, description="PyAV decode threads; 0 = let FFmpeg choose")
+    segment_s: float = Field(30.0, gt=0, description="a video longer than this is indexed as segments this long (moments)")
+    segment_overlap_s: float = Field(5.0, ge=0, description="overlap between consecutive segments (below segment_s)")
+    max_segments: int = Field(144, ge=1, description="most segments per video; a video needing more goes to the DLQ (too_large)")
+    max_decoded_mb: int = Field(1024, ge=1, description="most memory the sampled RGB frames of one video may take (MiB)")
+
+    @model_validator(mode="after")
+    def _overlap_below_segment(self) -> "DecodeSettings":
+        if self.segment_overlap_s >= self.segment_s:
+            raise ValueError(f"segment_overlap_s={self.segment_overlap_s:g} must be below segment_s={self.segment_s:g}")
+        return self
 
 
 class ModelSettings(_Section):

@@ -21,6 +21,7 @@ import numpy as np
 from av.stream import Disposition
 
 from vidsearch.config import DecodeSettings
+from vidsearch.segments import Window, segment_count, segment_windows
 from vidsearch.uris import (
     GuardedReader,
     NotAllowed,
@@ -94,6 +95,114 @@ def decode_video(
             return _decode(source, settings, budget, resize_to)
     finally:
         source.close()
+
+
+@dataclass(frozen=True)
+class DecodedSegments:
+    """A video's segments sampled in one decoding pass.
+
+    Each distinct frame is held once (``frames``, in time order); overlapping
+    windows share frames through ``frame_index``. A video no longer than
+    ``segment_s`` has one window covering it all, with the same frames as
+    :func:`decode_video`.
+    """
+
+    frames: np.ndarray  # uint8 [N, H, W, 3], distinct frames, time order
+    timestamps: np.ndarray  # float32 [N], seconds from the stream start
+    windows: tuple[Window, ...]
+    frame_index: tuple[tuple[int, ...], ...]  # per window: indices into frames, increasing
+    duration_s: float
+    width: int
+    height: int
+    fps: float | None
+    source_bytes: int | None
+    codec: str
+    seeks: int
+
+    def segment(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(frames, timestamps) of window ``k``."""
+        index = list(self.frame_index[k])
+        return self.frames[index], self.timestamps[index]
+
+
+def decode_segments(
+    uri: str,
+    settings: DecodeSettings,
+    *,
+    num_frames: int | None = None,
+    resize_to: int | None = None,
+) -> DecodedSegments:
+    """Decode ``num_frames`` sampled frames per segment window of ``uri``, all windows
+    in one pass over the file (targets of overlapping windows interleave; each frame
+    is converted once).
+
+    Raises like :func:`decode_video`, plus TooLarge when the video needs more than
+    ``settings.max_segments`` windows or its frames would exceed ``max_decoded_mb``,
+    both found from the header before a frame is decoded.
+    """
+    budget = _frame_budget(settings, num_frames)
+    if resize_to is not None and (isinstance(resize_to, bool) or not isinstance(resize_to, int) or resize_to < 1):
+        raise ValueError(f"resize_to must be a positive int, got {resize_to!r}")
+    source = _Source(resolve_uri(uri, settings), settings)
+    try:
+        with _translated_errors(source):
+            source.open()
+            return _decode_segments(source, settings, budget, resize_to)
+    finally:
+        source.close()
+
+
+def _decode_segments(source: _Source, settings: DecodeSettings, budget: int,
+                     resize_to: int | None) -> DecodedSegments:
+    meta = _read_metadata(source.container, source.stream)
+    _check_limits(meta, settings, source.uri)
+    if meta.duration_s is None or _duration_doubtful(source.stream, meta):
+        meta.duration_s = _probe_duration(source, meta)
+        source.reopen()
+    duration = max(meta.duration_s, 0.0)
+    needed = segment_count(duration, settings.segment_s, settings.segment_overlap_s)
+    if needed > settings.max_segments:
+        raise TooLarge(f"{source.uri!r} lasts {duration:.1f} s: {needed} segments of {settings.segment_s:g} s, "
+                       f"over the limit max_segments={settings.max_segments}")
+    windows = segment_windows(duration, settings.segment_s, settings.segment_overlap_s)
+    per_window = [_window_targets(settings, budget, meta.origin_s, w.start_s, w.length_s) for w in windows]
+    _check_decoded_size(meta, sum(map(len, per_window)), resize_to, settings, source.uri)
+    owners = sorted((t, k) for k, targets in enumerate(per_window) for t in targets)
+    chosen: list[float] = []
+    picked, seeks = _sample(source, meta, [t for t, _ in owners], resize_to, chosen)
+    times = sorted(picked)
+    position = {t: i for i, t in enumerate(times)}
+    index: list[list[int]] = [[] for _ in windows]
+    for (_, k), time in zip(owners, chosen):
+        if not index[k] or index[k][-1] != position[time]:
+            index[k].append(position[time])
+    # A window past the last decodable frame (a truncated file) still gets that frame.
+    index = [sorted(set(i)) or [len(times) - 1] for i in index]
+    return DecodedSegments(
+        frames=np.stack([picked[t] for t in times]),
+        timestamps=np.maximum(np.asarray(times, dtype=np.float64) - meta.origin_s, 0.0).astype(np.float32),
+        windows=tuple(windows),
+        frame_index=tuple(tuple(i) for i in index),
+        duration_s=float(duration),
+        width=meta.width,
+        height=meta.height,
+        fps=meta.fps,
+        source_bytes=source.reader.size,
+        codec=source.stream.codec_context.name,
+        seeks=seeks,
+    )
+
+
+def _check_decoded_size(meta: _Meta, frames: int, resize_to: int | None, settings: DecodeSettings,
+                        uri: str) -> None:
+    """Refuse before decoding when the sampled RGB frames alone would pass ``max_decoded_mb``."""
+    if not meta.width or not meta.height:
+        return  # dimensions unknown until the first frame; max_pixels still bounds each one
+    width, height = _output_size(meta.width, meta.height, resize_to, settings, uri)
+    size_mb = frames * width * height * 3 / 2**20
+    if size_mb > settings.max_decoded_mb:
+        raise TooLarge(f"{uri!r}: {frames} sampled frames of {width}x{height} take {size_mb:.0f} MiB, "
+                       f"over the limit max_decoded_mb={settings.max_decoded_mb}")
 
 
 def probe_video(uri: str, settings: DecodeSettings) -> None:
@@ -284,15 +393,20 @@ def _probe_duration(source: _Source, meta: _Meta) -> float:
 
 
 def _targets(settings: DecodeSettings, budget: int, meta: _Meta) -> list[float]:
-    """Absolute stream times to sample, increasing."""
-    duration = max(meta.duration_s or 0.0, 0.0)
+    """Absolute stream times to sample over the whole video, increasing."""
+    return _window_targets(settings, budget, meta.origin_s, 0.0, max(meta.duration_s or 0.0, 0.0))
+
+
+def _window_targets(settings: DecodeSettings, budget: int, origin_s: float, start_s: float,
+                    length_s: float) -> list[float]:
+    """Absolute stream times to sample in ``[start_s, start_s + length_s)``, increasing."""
+    base = origin_s + start_s
     if settings.sampling == "fps":
-        count = max(1, math.ceil(duration * settings.fps - _EPS))
+        count = max(1, math.ceil(length_s * settings.fps - _EPS))
         if count <= budget:
-            return [meta.origin_s + k / settings.fps for k in range(count)]
-    # Uniform (also fps sampling over budget): the centre of each of N equal segments.
-    n = budget
-    return [meta.origin_s + (k + 0.5) * duration / n for k in range(n)]
+            return [base + k / settings.fps for k in range(count)]
+    # Uniform (also fps sampling over budget): the centre of each of N equal parts.
+    return [base + (k + 0.5) * length_s / budget for k in range(budget)]
 
 
 class _Cursor:
@@ -478,9 +592,11 @@ def _decode(source: _Source, settings: DecodeSettings, budget: int, resize_to: i
     )
 
 
-def _sample(source: _Source, meta: _Meta, targets: list[float],
-            resize_to: int | None) -> tuple[dict[float, np.ndarray], int]:
-    """RGB arrays of the frames on screen at ``targets``, keyed by frame time, and the seek count."""
+def _sample(source: _Source, meta: _Meta, targets: list[float], resize_to: int | None,
+            chosen: list[float] | None = None) -> tuple[dict[float, np.ndarray], int]:
+    """RGB arrays of the frames on screen at ``targets`` (increasing), keyed by frame time,
+    and the seek count. ``chosen``, when given, gets the frame time picked for each
+    target, so callers sampling several windows in one pass can map frames back."""
     # Seeking needs random access and timestamps (raw elementary streams have none).
     can_seek = source.seekable() and source.stream.start_time is not None
     if can_seek and "matroska" in source.container.format.name:
@@ -506,8 +622,10 @@ def _sample(source: _Source, meta: _Meta, targets: list[float],
         if hit is None:
             break  # no frames at all
         time, frame = hit
+        if chosen is not None:
+            chosen.append(time)
         if time in picked:
-            continue  # fewer frames than targets: never return one twice
+            continue  # fewer frames than targets (or windows sharing a frame): convert it once
         if out_size is None:
             # Metadata may lack dimensions (0x0); the first frame never does.
             meta.width, meta.height = meta.width or frame.width, meta.height or frame.height
@@ -555,6 +673,6 @@ def decode_frame_at(uri: str, settings: DecodeSettings, at_s: float, *,
 
 
 __all__ = [
-    "DecodedVideo", "NoVideoStream", "NotAllowed", "TooLarge", "Undecodable", "UnsupportedURI",
-    "VideoError", "VideoNotFound", "decode_frame_at", "decode_video", "probe_video",
+    "DecodedSegments", "DecodedVideo", "NoVideoStream", "NotAllowed", "TooLarge", "Undecodable", "UnsupportedURI",
+    "VideoError", "VideoNotFound", "decode_frame_at", "decode_segments", "decode_video", "probe_video",
 ]
