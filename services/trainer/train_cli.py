@@ -27,7 +27,7 @@ OVERRIDES = {
 
 def configure(parser: argparse.ArgumentParser) -> None:
     # dest differs from the global --config (the settings file) on purpose.
-    parser.add_argument("--config", dest="run_config", required=True, help="run config YAML (see configs/)")
+    parser.add_argument("--config", dest="run_config", required=True, help="run config YAML (the shipped model's: deploy/train/shipped.yaml)")
     parser.add_argument("--run-dir", dest="run_dir", help="checkpoints, report.md, metrics (resumes if present)")
     parser.add_argument("--data", help="dataset path (data.path)")
     parser.add_argument("--data-kind", choices=("synth", "msrvtt", "jsonl", "csv"), help="data.kind")
