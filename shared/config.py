@@ -121,6 +121,8 @@ class DecodeSettings(_Section):
     segment_overlap_s: float = Field(5.0, ge=0, description="overlap between consecutive segments (below segment_s)")
     max_segments: int = Field(144, ge=1, description="most segments per video; a video needing more goes to the DLQ (too_large)")
     max_decoded_mb: int = Field(1024, ge=1, description="most memory the sampled RGB frames of one video may take (MiB)")
+    seek_mode: Literal["exact", "keyframe"] = Field("keyframe", description="keyframe: each target takes the nearest keyframe within keyframe_tolerance_s, decoded alone (exact where none is that near); the default because it cut decode CPU 2.5-6x at GOPs up to 2 s in docs/benchmarks/decode.md, and frame times stay the frames' own | exact: the frame on screen at each target")
+    keyframe_tolerance_s: float = Field(2.0, gt=0, le=60, description="seek_mode=keyframe: farthest a keyframe may be from its target (seconds); always under half the target spacing, so frames stay distinct")
 
     @model_validator(mode="after")
     def _overlap_below_segment(self) -> "DecodeSettings":
@@ -188,6 +190,7 @@ class ServeSettings(_Section):
     alias_poll_s: float = Field(2.0, gt=0, description="how often the query service checks the live alias")
     text_batch_size: int = Field(32, ge=1, description="max queries per text-encoding batch")
     rerank_batch_size: int = Field(16, ge=1, description="max requests per reranker batch")
+    rerank_segments: int = Field(3, ge=1, le=64, description="segments of each recalled video the reranker scores (its best by recall); the video scores as its best segment")
     batch_wait_s: float = Field(0.005, ge=0, description="how long a batch waits to fill")
     max_payload_bytes: int = Field(1024 * 1024, ge=1024, description="largest encoded payload of one result; a larger stored payload is cut down for that result (payload_notice)")
     max_response_bytes: int = Field(3584 * 1024, ge=64 * 1024, description="largest Search/GetVideo answer (under the 4 MiB default gRPC receive limit); the largest payloads are cut until it fits")

@@ -50,6 +50,10 @@ from .store_schema import (
     model_version_of,
     point_id,
 )
+
+# Payload indexes the store itself relies on, whatever store.filter_fields says:
+# delete and re-ingest select a video's segments by video_id, trimming by segment.
+_INTERNAL_INDEXES = {"video_id": "keyword", "segment": "integer"}
 from .telemetry import log_event
 
 __all__ = [
@@ -210,7 +214,7 @@ class QdrantStore:
         from qdrant_client import models
 
         existing = info.payload_schema or {}
-        for path, kind in self.schema.index_schemas().items():
+        for path, kind in {**_INTERNAL_INDEXES, **self.schema.index_schemas()}.items():
             current = existing.get(path)
             if current is not None and getattr(current.data_type, "value", current.data_type) == kind:
                 continue
@@ -273,7 +277,7 @@ class QdrantStore:
             if not isinstance(point, VideoPoint):
                 raise TypeError(f"expected VideoPoint, got {type(point).__name__}")
             structs.append(models.PointStruct(
-                id=point_id(point.video_id),
+                id=point_id(point.video_id, point.segment),
                 vector={VIDEO_VECTOR: point.video_vector.tolist(), FRAMES_VECTOR: point.frames.tolist()},
                 # video_id is what reads map back from; it's always in the payload.
                 payload={**point.payload, "video_id": point.video_id},
@@ -287,15 +291,44 @@ class QdrantStore:
         return len(structs)
 
     def delete(self, collection: str, video_ids: Iterable[str]) -> int:
+        """Remove every point (all segments) of each video, selected by the ``video_id``
+        payload field rather than by point ids: a segment count is not needed."""
         from qdrant_client import models
 
-        ids = [point_id(v) for v in _video_ids(video_ids)]
+        ids = _video_ids(video_ids)
         if not ids:
             return 0
+        selector = models.FilterSelector(filter=models.Filter(must=[
+            models.FieldCondition(key="video_id", match=models.MatchAny(any=ids))]))
         with _translated(collection):
-            self.client.delete(collection, points_selector=models.PointIdsList(points=ids), wait=True)
+            self.client.delete(collection, points_selector=selector, wait=True)
         self._stats["delete_requests"] += 1
         return len(ids)
+
+    def trim_segments(self, collection: str, counts: dict[str, int]) -> None:
+        """Remove segments ``>= counts[video_id]`` of each video: what an earlier, longer
+        version of it left behind. One request for all the videos."""
+        from qdrant_client import models
+
+        if not counts:
+            return
+        # A video's segments are always numbered 0..n-1, so a stale tail exists exactly
+        # when segment ``count`` does. Looking that up by id is one cheap retrieve; a
+        # delete by filter is checked against every point in local mode (brute force).
+        probe = {point_id(video_id, int(count)): video_id for video_id, count in counts.items()}
+        with _translated(collection):
+            found = self.client.retrieve(collection, ids=list(probe), with_payload=False, with_vectors=False)
+        longer = {probe[str(r.id)] for r in found}
+        if not longer:
+            return
+        stale = [models.Filter(must=[
+            models.FieldCondition(key="video_id", match=models.MatchValue(value=video_id)),
+            models.FieldCondition(key="segment", range=models.Range(gte=int(counts[video_id])))])
+            for video_id in sorted(longer)]
+        with _translated(collection):
+            self.client.delete(collection, points_selector=models.FilterSelector(filter=models.Filter(should=stale)),
+                               wait=True)
+        self._stats["delete_requests"] += 1
 
     def get(self, collection: str, video_ids: Iterable[str], with_vectors: bool = False) -> list[StoredVideo]:
         """The stored videos among ``video_ids``, in the order asked; missing ones are left out."""
@@ -307,6 +340,28 @@ class QdrantStore:
                                            with_vectors=[VIDEO_VECTOR, FRAMES_VECTOR] if with_vectors else False)
         by_id = {str(r.id): r for r in records}
         return [_stored(by_id[i], with_vectors) for i in ids if i in by_id]
+
+    def get_segments(self, collection: str, video_ids: Iterable[str],
+                     with_vectors: bool = False) -> list[StoredVideo]:
+        """Every stored segment of ``video_ids``: by video in the order asked, then by segment."""
+        from qdrant_client import models
+
+        ids = _video_ids(video_ids)
+        if not ids:
+            return []
+        wanted = models.Filter(must=[models.FieldCondition(key="video_id", match=models.MatchAny(any=ids))])
+        records, offset = [], None
+        with _translated(collection):
+            while True:
+                page, offset = self.client.scroll(
+                    collection, scroll_filter=wanted, limit=MAX_QUERY_LIMIT, offset=offset, with_payload=True,
+                    with_vectors=[VIDEO_VECTOR, FRAMES_VECTOR] if with_vectors else False)
+                records.extend(page)
+                if offset is None:
+                    break
+        order = {v: i for i, v in enumerate(ids)}
+        stored = [_stored(r, with_vectors) for r in records]
+        return sorted(stored, key=lambda v: (order.get(v.video_id, len(order)), int(v.payload.get("segment", 0))))
 
     def query(self, collection: str, vector: Any, limit: int, filters: Sequence[FilterSpec] | None = None,
               with_frames: bool = False) -> list[Hit]:
@@ -322,6 +377,28 @@ class QdrantStore:
         return [Hit(video_id=(p.payload or {}).get("video_id", str(p.id)), score=float(p.score),
                     payload=p.payload or {}, frames=_frames_of(p.vector) if with_frames else None)
                 for p in response.points]
+
+    def query_groups(self, collection: str, vector: Any, limit: int, group_size: int,
+                     filters: Sequence[FilterSpec] | None = None, with_frames: bool = False) -> list[list[Hit]]:
+        """Nearest videos by the ``video`` vector, one group per video: up to ``limit``
+        videos, best first, each with its best ``group_size`` segments, best first.
+
+        Qdrant's group-by on ``video_id`` does it in the store, on a server and in
+        local mode alike (qdrant-client 1.20 implements query_points_groups there too).
+        """
+        query = as_vector("query vector", vector, 1)
+        limit = _positive_int("limit", limit, MAX_QUERY_LIMIT)
+        group_size = _positive_int("group_size", group_size, MAX_QUERY_LIMIT)
+        query_filter = self.schema.to_qdrant(filters)
+        with _translated(collection):
+            response = self.client.query_points_groups(
+                collection, group_by="video_id", query=query.tolist(), using=VIDEO_VECTOR, limit=limit,
+                group_size=group_size, query_filter=query_filter, with_payload=True,
+                with_vectors=[FRAMES_VECTOR] if with_frames else False)
+        self._stats["queries"] += 1
+        return [[Hit(video_id=(p.payload or {}).get("video_id", str(group.id)), score=float(p.score),
+                     payload=p.payload or {}, frames=_frames_of(p.vector) if with_frames else None)
+                 for p in group.hits] for group in response.groups if group.hits]
 
     def count(self, collection: str) -> int:
         with _translated(collection):
@@ -356,7 +433,8 @@ class QdrantStore:
 
 # Operations a backend may forward; the actor refuses anything else.
 _OPS = frozenset({"ensure_collection", "list_collections", "delete_collection", "resolve_alias", "set_alias",
-                  "upsert", "delete", "get", "query", "count", "scroll_page", "healthy", "stats", "close"})
+                  "upsert", "delete", "trim_segments", "get", "get_segments", "query", "query_groups", "count",
+                  "scroll_page", "healthy", "stats", "close"})
 
 
 class _DirectBackend:
@@ -513,22 +591,44 @@ class VectorStore:
         return self._call("set_alias", collection, alias or self.settings.alias)
 
     def upsert(self, collection: str, points: Iterable[VideoPoint]) -> int:
-        """Write points in batches of ``store.upsert_batch``, each acknowledged (wait=True)."""
+        """Write points in batches of ``store.upsert_batch``, each acknowledged (wait=True),
+        then remove the segments a longer earlier version of each video left behind.
+
+        Upsert first, trim after: every step is idempotent, and a crash between them
+        leaves the video whole and searchable (plus stale tail segments until the
+        redelivered message trims them), never missing, as deleting first would.
+        """
         points = list(points)
         size = self.settings.upsert_batch
         for start in range(0, len(points), size):
             self._call("upsert", collection, points[start:start + size])
+        counts = {p.video_id: p.segment_count for p in points}
+        if counts:
+            self._call("trim_segments", collection, counts)
         return len(points)
 
     def delete(self, collection: str, video_ids: Iterable[str]) -> int:
+        """Remove the videos, every segment of each."""
         return self._call("delete", collection, _video_ids(video_ids))
 
     def get(self, collection_or_alias: str, video_ids: Iterable[str], with_vectors: bool = False) -> list[StoredVideo]:
+        """One point per video: a long video's first segment."""
         return self._call("get", collection_or_alias, _video_ids(video_ids), with_vectors)
+
+    def get_segments(self, collection_or_alias: str, video_ids: Iterable[str],
+                     with_vectors: bool = False) -> list[StoredVideo]:
+        """Every segment of the videos (video order as asked, then segment order)."""
+        return self._call("get_segments", collection_or_alias, _video_ids(video_ids), with_vectors)
 
     def query(self, collection_or_alias: str, vector: Any, limit: int,
               filters: Sequence[FilterSpec] | None = None, with_frames: bool = False) -> list[Hit]:
+        """Nearest points (segments), not grouped."""
         return self._call("query", collection_or_alias, vector, limit, filters, with_frames)
+
+    def query_groups(self, collection_or_alias: str, vector: Any, limit: int, group_size: int = 1,
+                     filters: Sequence[FilterSpec] | None = None, with_frames: bool = False) -> list[list[Hit]]:
+        """Nearest videos, each once, with its best ``group_size`` segments (best first)."""
+        return self._call("query_groups", collection_or_alias, vector, limit, group_size, filters, with_frames)
 
     def count(self, collection: str) -> int:
         return self._call("count", collection)

@@ -5,11 +5,13 @@ service and the trainer agree on the contract without opening a store:
 
 - one collection per index version, ``videos__<model_version>``; the alias
   ``videos`` points at the live one;
-- point id = uuid5(:data:`POINT_NAMESPACE`, video_id), so a redelivered message
-  overwrites the same point;
+- one point per segment of a video (one for a short video): point id =
+  uuid5(:data:`POINT_NAMESPACE`, video_id) for segment 0, uuid5(:data:`SEGMENT_NAMESPACE`,
+  f"{video_id}#{k}") for segment k, so a redelivered message overwrites the same points;
 - named vector ``video`` (cosine) and multivector ``frames`` (cosine, MAX_SIM);
 - payload: video_id, uri, metadata, frame_timestamps, duration_s, ingested_at,
-  frame_encoder, model_version.
+  frame_encoder, model_version, and the segment fields segment, segment_count,
+  start_s, end_s.
 """
 from __future__ import annotations
 
@@ -35,6 +37,10 @@ FRAMES_VECTOR = "frames"
 
 # Fixed forever: changing it would re-key every stored point (duplicates on re-ingest).
 POINT_NAMESPACE = uuid.UUID("6c0b5a3e-2f4d-5b8e-9a51-7d3c2e1f0a94")
+# Segments k > 0 of a long video (see point_id); fixed forever for the same reason.
+SEGMENT_NAMESPACE = uuid.UUID("0f6a2d8c-91b4-5e37-8c1d-4b9e7a3f52c6")
+# Payload fields of a segment point (a short video is segment 0 of 1, spanning it all).
+SEGMENT_FIELDS = ("segment", "segment_count", "start_s", "end_s")
 
 _MODEL_VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -76,11 +82,22 @@ def model_version_of(collection: str, alias: str = ALIAS) -> str:
     return version
 
 
-def point_id(video_id: str) -> str:
-    """The deterministic point id of a video (uuid5 string)."""
+def point_id(video_id: str, segment: int = 0) -> str:
+    """The deterministic point id of a video's segment (uuid5 string).
+
+    Segment 0 (all of a short video) keeps the id a video always had,
+    uuid5(POINT_NAMESPACE, video_id), so collections built before segments stay
+    valid; segment k > 0 is uuid5(SEGMENT_NAMESPACE, f"{video_id}#{k}"), in a
+    namespace of its own so it can never collide with a video whose id ends in
+    "#<k>". A redelivered message overwrites the same points.
+    """
     if not isinstance(video_id, str):
         raise TypeError(f"video_id must be a string, got {type(video_id).__name__}")
-    return str(uuid.uuid5(POINT_NAMESPACE, video_id))
+    if isinstance(segment, bool) or not isinstance(segment, (int, np.integer)) or segment < 0:
+        raise ValueError(f"segment must be an int >= 0, got {segment!r}")
+    if segment == 0:
+        return str(uuid.uuid5(POINT_NAMESPACE, video_id))
+    return str(uuid.uuid5(SEGMENT_NAMESPACE, f"{video_id}#{int(segment)}"))
 
 
 # --------------------------------------------------------------------------- points
@@ -156,9 +173,51 @@ def as_vector(name: str, value: object, ndim: int) -> np.ndarray:
     return array
 
 
+def segment_payload(payload: Mapping[str, Any], segment: int, segment_count: int, start_s: float, end_s: float,
+                    frame_timestamps: Sequence[float]) -> dict[str, Any]:
+    """``payload`` (from :func:`build_payload`) for one segment of a video: its index,
+    the video's segment count, its span (seconds from the video's start) and its own
+    frame timestamps (absolute, from the video's start)."""
+    if isinstance(segment_count, bool) or not isinstance(segment_count, (int, np.integer)) or segment_count < 1:
+        raise ValueError(f"segment_count must be an int >= 1, got {segment_count!r}")
+    if isinstance(segment, bool) or not isinstance(segment, (int, np.integer)) or not 0 <= segment < segment_count:
+        raise ValueError(f"segment must be an int in [0, {segment_count}), got {segment!r}")
+    start, end = _finite_non_negative("start_s", start_s), _finite_non_negative("end_s", end_s)
+    if end < start:
+        raise ValueError(f"segment end_s={end} is before start_s={start}")
+    return {**payload, "segment": int(segment), "segment_count": int(segment_count), "start_s": start, "end_s": end,
+            "frame_timestamps": [_finite_non_negative("frame timestamp", t)
+                                 for t in np.asarray(frame_timestamps).tolist()]}
+
+
+@dataclass(frozen=True)
+class SegmentSpan:
+    """Where a stored point sits in its video."""
+
+    segment: int
+    segment_count: int
+    start_s: float
+    end_s: float
+
+
+def segment_span(payload: Mapping[str, Any]) -> SegmentSpan:
+    """The segment fields of a stored payload; a point written before segments existed
+    is the one segment of its video, spanning all of it."""
+    duration = payload.get("duration_s")
+    duration = float(duration) if isinstance(duration, (int, float)) and not isinstance(duration, bool) else 0.0
+    segment, count = payload.get("segment"), payload.get("segment_count")
+    start, end = payload.get("start_s"), payload.get("end_s")
+    ok = (isinstance(segment, int) and isinstance(count, int) and not isinstance(segment, bool)
+          and isinstance(start, (int, float)) and isinstance(end, (int, float)))
+    if not ok:
+        return SegmentSpan(0, 1, 0.0, duration)
+    return SegmentSpan(int(segment), int(count), float(start), float(end))
+
+
 @dataclass(frozen=True)
 class VideoPoint:
-    """One video to write: aggregated vector, per-frame vectors and payload."""
+    """One point to write (a video, or one segment of a long video): aggregated
+    vector, per-frame vectors and payload (its ``segment`` picks the point id)."""
 
     video_id: str
     video_vector: np.ndarray  # float32[D]
@@ -177,6 +236,18 @@ class VideoPoint:
         stamps = self.payload.get("frame_timestamps")
         if stamps is not None and len(stamps) != self.frames.shape[0]:
             raise ValueError(f"{len(stamps)} frame timestamps for {self.frames.shape[0]} frames")
+        segment, count = self.payload.get("segment", 0), self.payload.get("segment_count", 1)
+        if (isinstance(segment, bool) or not isinstance(segment, (int, np.integer)) or isinstance(count, bool)
+                or not isinstance(count, (int, np.integer)) or not 0 <= segment < count):
+            raise ValueError(f"segment {segment!r} of segment_count {count!r}: needs 0 <= segment < segment_count")
+
+    @property
+    def segment(self) -> int:
+        return int(self.payload.get("segment", 0))
+
+    @property
+    def segment_count(self) -> int:
+        return int(self.payload.get("segment_count", 1))
 
 
 @dataclass

@@ -6,8 +6,10 @@ uri allowlist and the size, duration and resolution limits are checked before a
 single frame is decoded, and every PyAV failure becomes a :class:`VideoError`.
 
 Timestamps are seconds from the video stream's start, taken from each frame's
-pts, so variable-frame-rate files get their true times. The frame sampled for a
-target time t is the frame on screen at t: the last frame whose time is <= t.
+pts, so variable-frame-rate files get their true times. With ``seek_mode=exact``
+the frame sampled for a target time t is the frame on screen at t: the last frame
+whose time is <= t. With ``keyframe`` it is the nearest keyframe within the
+tolerance, decoded alone, where there is one (vidsearch.video_keyframes).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from av.stream import Disposition
 
 from vidsearch.config import DecodeSettings
 from vidsearch.segments import Window, segment_count, segment_windows
+from vidsearch.video_keyframes import sample_keyframes, tolerances
 from vidsearch.uris import (
     GuardedReader,
     NotAllowed,
@@ -58,6 +61,7 @@ class DecodedVideo:
     source_bytes: int | None
     codec: str
     seeks: int  # how many seeks the decode used (0 = one linear pass)
+    keyframes: int = 0  # frames that stand for their target as the nearest keyframe (seek_mode=keyframe)
 
     @property
     def num_frames(self) -> int:
@@ -118,6 +122,7 @@ class DecodedSegments:
     source_bytes: int | None
     codec: str
     seeks: int
+    keyframes: int = 0  # distinct frames taken as the nearest keyframe (seek_mode=keyframe)
 
     def segment(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(frames, timestamps) of window ``k``."""
@@ -160,16 +165,18 @@ def _decode_segments(source: _Source, settings: DecodeSettings, budget: int,
         meta.duration_s = _probe_duration(source, meta)
         source.reopen()
     duration = max(meta.duration_s, 0.0)
-    needed = segment_count(duration, settings.segment_s, settings.segment_overlap_s)
-    if needed > settings.max_segments:
-        raise TooLarge(f"{source.uri!r} lasts {duration:.1f} s: {needed} segments of {settings.segment_s:g} s, "
-                       f"over the limit max_segments={settings.max_segments}")
+    _check_segments(duration, settings, source.uri)
     windows = segment_windows(duration, settings.segment_s, settings.segment_overlap_s)
     per_window = [_window_targets(settings, budget, meta.origin_s, w.start_s, w.length_s) for w in windows]
     _check_decoded_size(meta, sum(map(len, per_window)), resize_to, settings, source.uri)
     owners = sorted((t, k) for k, targets in enumerate(per_window) for t in targets)
+    # Tolerances per window: a keyframe stands for one target of a window, and may be
+    # shared with an overlapping window's target (frame_index shares it).
+    window_tol = [settings.keyframe_tolerance_s if len(targets) < 2 else
+                  tolerances(settings.keyframe_tolerance_s, targets[1] - targets[0], 1)[0] for targets in per_window]
     chosen: list[float] = []
-    picked, seeks = _sample(source, meta, [t for t, _ in owners], resize_to, chosen)
+    picked, seeks, keyed = _sample(source, meta, [t for t, _ in owners], resize_to, chosen,
+                                   [window_tol[k] for _, k in owners])
     times = sorted(picked)
     position = {t: i for i, t in enumerate(times)}
     index: list[list[int]] = [[] for _ in windows]
@@ -190,6 +197,7 @@ def _decode_segments(source: _Source, settings: DecodeSettings, budget: int,
         source_bytes=source.reader.size,
         codec=source.stream.codec_context.name,
         seeks=seeks,
+        keyframes=keyed,
     )
 
 
@@ -205,6 +213,13 @@ def _check_decoded_size(meta: _Meta, frames: int, resize_to: int | None, setting
                        f"over the limit max_decoded_mb={settings.max_decoded_mb}")
 
 
+def _check_segments(duration_s: float, settings: DecodeSettings, uri: str) -> None:
+    needed = segment_count(duration_s, settings.segment_s, settings.segment_overlap_s)
+    if needed > settings.max_segments:
+        raise TooLarge(f"{uri!r} lasts {duration_s:.1f} s: {needed} segments of {settings.segment_s:g} s, "
+                       f"over the limit max_segments={settings.max_segments}")
+
+
 def probe_video(uri: str, settings: DecodeSettings) -> None:
     """Check ``uri`` against the allowlist and every decode limit without decoding a frame
     (the container header only): what the ingest CLI does before publishing anything.
@@ -215,7 +230,10 @@ def probe_video(uri: str, settings: DecodeSettings) -> None:
     try:
         with _translated_errors(source):
             source.open()
-            _check_limits(_read_metadata(source.container, source.stream), settings, source.uri)
+            meta = _read_metadata(source.container, source.stream)
+            _check_limits(meta, settings, source.uri)
+            if meta.duration_s is not None:  # else decoding finds it (and the segment count) from the packets
+                _check_segments(max(meta.duration_s, 0.0), settings, source.uri)
     finally:
         source.close()
 
@@ -577,7 +595,10 @@ def _decode(source: _Source, settings: DecodeSettings, budget: int, resize_to: i
     if meta.duration_s is None or _duration_doubtful(source.stream, meta):
         meta.duration_s = _probe_duration(source, meta)
         source.reopen()
-    picked, seeks = _sample(source, meta, _targets(settings, budget, meta), resize_to)
+    targets = _targets(settings, budget, meta)
+    spacing = targets[1] - targets[0] if len(targets) > 1 else float("inf")
+    picked, seeks, keyed = _sample(source, meta, targets, resize_to, None,
+                                   tolerances(settings.keyframe_tolerance_s, spacing, len(targets)))
     times = sorted(picked)
     return DecodedVideo(
         frames=np.stack([picked[t] for t in times]),
@@ -589,26 +610,91 @@ def _decode(source: _Source, settings: DecodeSettings, budget: int, resize_to: i
         source_bytes=source.reader.size,
         codec=source.stream.codec_context.name,
         seeks=seeks,
+        keyframes=keyed,
     )
 
 
+class _Converter:
+    """RGB at the output size, for kept frames only: swscale resizes while converting,
+    and every frame comes out the same shape even if the stream changes size."""
+
+    def __init__(self, source: _Source, meta: _Meta, resize_to: int | None) -> None:
+        self.source, self.meta, self.resize_to = source, meta, resize_to
+        self.out_size: tuple[int, int] | None = None
+
+    def __call__(self, frame: av.VideoFrame) -> np.ndarray:
+        if self.out_size is None:
+            # Metadata may lack dimensions (0x0); the first frame never does.
+            meta = self.meta
+            meta.width, meta.height = meta.width or frame.width, meta.height or frame.height
+            self.out_size = _output_size(meta.width, meta.height, self.resize_to, self.source.settings,
+                                         self.source.uri)
+        return frame.to_ndarray(width=self.out_size[0], height=self.out_size[1], format="rgb24")
+
+
 def _sample(source: _Source, meta: _Meta, targets: list[float], resize_to: int | None,
-            chosen: list[float] | None = None) -> tuple[dict[float, np.ndarray], int]:
-    """RGB arrays of the frames on screen at ``targets`` (increasing), keyed by frame time,
-    and the seek count. ``chosen``, when given, gets the frame time picked for each
-    target, so callers sampling several windows in one pass can map frames back."""
+            chosen: list[float] | None = None,
+            tols: list[float] | None = None) -> tuple[dict[float, np.ndarray], int, int]:
+    """RGB arrays of the frames for ``targets`` (increasing), keyed by frame time, the
+    seek count and how many of the frames are keyframes standing for their target.
+    ``chosen``, when given, gets the frame time picked for each target, so callers
+    sampling several windows in one pass can map frames back. ``tols`` (per target)
+    turns on keyframe sampling when ``seek_mode`` is keyframe; without it every
+    target gets the frame on screen at it."""
     # Seeking needs random access and timestamps (raw elementary streams have none).
     can_seek = source.seekable() and source.stream.start_time is not None
-    if can_seek and "matroska" in source.container.format.name:
+    matroska = "matroska" in source.container.format.name
+    if can_seek and matroska:
         can_seek = _load_matroska_cues(source)
-    cursor = _Cursor(source, meta)
     # An index present before any decoding came from the file (mp4 sample tables,
     # Matroska cues, nut/flv/avi indexes) and covers it all. Formats without one
     # (MPEG-TS, ivf) grow a partial index as they demux or seek: not to be trusted.
-    cursor.index_trusted = len(source.stream.index_entries) > 1
+    index_trusted = len(source.stream.index_entries) > 1
+    convert = _Converter(source, meta, resize_to)
     picked: dict[float, np.ndarray] = {}
-    out_size: tuple[int, int] | None = None
-    for target in targets:
+    times: list[float | None] = [None] * len(targets)
+    seeks = keyed = 0
+    if can_seek and tols is not None and source.settings.seek_mode == "keyframe":
+        checker = _Cursor(source, meta)
+        seeks, keyed = sample_keyframes(source, meta, targets, tols, index_trusted, convert, checker._check_frame,
+                                        picked, times, after_scan=_load_matroska_cues if matroska else None)
+    exact = [i for i, t in enumerate(times) if t is None]
+    if exact:
+        if seeks and not _rewind(source):
+            can_seek = False  # a rewind failed: the source was reopened, decode linearly
+        seeks = _sample_exact(source, meta, [targets[i] for i in exact], exact, can_seek, index_trusted,
+                              convert, picked, times, seeks)
+    if not picked:
+        raise Undecodable(f"{source.uri!r} has a video stream but no decodable frames")
+    if chosen is not None:
+        # A target past the last decodable frame (a truncated file) keeps the last frame seen.
+        last = None
+        for time in times:
+            last = time if time is not None else last
+            chosen.append(last if last is not None else min(picked))
+    return picked, seeks, keyed
+
+
+def _rewind(source: _Source) -> bool:
+    """Back to the start after keyframe grabs, for the exact pass; False if that took a reopen."""
+    try:
+        source.container.seek(source.stream.start_time, stream=source.stream, backward=True)
+        return True
+    except av.FFmpegError:
+        source.raise_read_failure()
+        source.reopen()
+        return False
+
+
+def _sample_exact(source: _Source, meta: _Meta, targets: list[float], slots: list[int], can_seek: bool,
+                  index_trusted: bool, convert: _Converter, picked: dict[float, np.ndarray],
+                  times: list[float | None], seeks: int) -> int:
+    """The frame on screen at each of ``targets`` (increasing) into ``times[slots[i]]``;
+    returns the seek count so far."""
+    cursor = _Cursor(source, meta)
+    cursor.seeks = seeks
+    cursor.index_trusted = index_trusted
+    for slot, target in zip(slots, targets):
         if can_seek and _worth_seeking(cursor, target):
             try:
                 cursor.seek(target)
@@ -622,20 +708,11 @@ def _sample(source: _Source, meta: _Meta, targets: list[float], resize_to: int |
         if hit is None:
             break  # no frames at all
         time, frame = hit
-        if chosen is not None:
-            chosen.append(time)
+        times[slot] = time
         if time in picked:
             continue  # fewer frames than targets (or windows sharing a frame): convert it once
-        if out_size is None:
-            # Metadata may lack dimensions (0x0); the first frame never does.
-            meta.width, meta.height = meta.width or frame.width, meta.height or frame.height
-            out_size = _output_size(meta.width, meta.height, resize_to, source.settings, source.uri)
-        # Converting at the output size makes swscale resize while converting, and
-        # every frame comes out the same shape even if the stream changes size.
-        picked[time] = frame.to_ndarray(width=out_size[0], height=out_size[1], format="rgb24")
-    if not picked:
-        raise Undecodable(f"{source.uri!r} has a video stream but no decodable frames")
-    return picked, cursor.seeks
+        picked[time] = convert(frame)
+    return cursor.seeks
 
 
 def decode_frame_at(uri: str, settings: DecodeSettings, at_s: float, *,
@@ -662,7 +739,7 @@ def decode_frame_at(uri: str, settings: DecodeSettings, at_s: float, *,
                 source.reopen()
             short = min(meta.width, meta.height)
             resize_to = max_short_side if max_short_side is not None and short > max_short_side else None
-            picked, seeks = _sample(source, meta, [meta.origin_s + float(at_s)], resize_to)
+            picked, seeks, _ = _sample(source, meta, [meta.origin_s + float(at_s)], resize_to)
             (time,) = picked
             return DecodedVideo(
                 frames=picked[time][None], timestamps=np.array([max(time - meta.origin_s, 0.0)], np.float32),

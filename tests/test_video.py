@@ -111,7 +111,9 @@ def write_audio_only(path: Path, cover_art: bool = False) -> Path:
 
 @pytest.fixture
 def settings(tmp_path: Path) -> DecodeSettings:
-    return DecodeSettings(allowed_prefixes=[str(tmp_path)])
+    # These tests check exact sampling (the frame on screen at each target); keyframe
+    # sampling, the default, is tested in test_decode_fast.py.
+    return DecodeSettings(allowed_prefixes=[str(tmp_path)], seek_mode="exact")
 
 
 def expect_error(cls: type[VideoError], uri: str, settings: DecodeSettings, **kwargs) -> VideoError:

@@ -8,7 +8,8 @@ and the offsets to commit.
 Ordering. Messages are keyed by video_id, so all updates of one video sit on one
 partition, in offset order, and arrive in one batch in that order (or in later
 batches, which are finalised after this one). Every op is a full replacement of
-the video's point (an upsert writes the whole point; a delete removes it), so
+the video's points (an upsert writes every segment and trims the ones past its
+segment count; a delete removes them all), so
 applying a sequence of ops leaves the same state as applying only the last one.
 A permanent failure, though, is a no-op in that sequence: "upsert A (ok), upsert
 B (file missing)" leaves A. So the batch does not collapse to the last *message*
@@ -33,16 +34,36 @@ _batch_ids = itertools.count(1)
 
 @dataclass(frozen=True)
 class Encoded:
-    """What the pipeline produced for one upsert."""
+    """What the pipeline produced for one upsert: every segment of the video (one for a
+    short video), over the distinct frames decoded once for all of them."""
 
-    video_vector: np.ndarray  # float32 [D], L2-normalised
-    frames: np.ndarray  # float32 [T, D], L2-normalised
-    timestamps: list[float]
+    segment_vectors: np.ndarray  # float32 [S, D], L2-normalised, one per segment
+    frames: np.ndarray  # float32 [N, D], L2-normalised, the distinct frames
+    timestamps: list[float]  # [N], seconds from the video's start
+    windows: tuple[tuple[float, float], ...]  # [S] (start_s, end_s)
+    frame_index: tuple[tuple[int, ...], ...]  # [S] indices into frames
     duration_s: float
     width: int
     height: int
     fps: float | None
     codec: str
+
+    @property
+    def segment_count(self) -> int:
+        return len(self.windows)
+
+    def points(self, video_id: str, payload: dict[str, Any]) -> list[Any]:
+        """The VideoPoints of every segment: ``payload`` (from build_payload) plus each
+        segment's fields, its vector, and its own frames and their timestamps."""
+        from vidsearch.store_schema import VideoPoint, segment_payload
+
+        stamps = np.asarray(self.timestamps, dtype=np.float64)
+        points = []
+        for k, ((start, end), index) in enumerate(zip(self.windows, self.frame_index)):
+            rows = list(index)
+            points.append(VideoPoint(video_id, self.segment_vectors[k], self.frames[rows], segment_payload(
+                payload, k, self.segment_count, start, end, stamps[rows])))
+        return points
 
 
 @dataclass(eq=False)
@@ -59,7 +80,7 @@ class Item:
     error_class: str | None = None
     reason: str | None = None
     encoded: Encoded | None = None
-    point: Any = None  # the VideoPoint, built when the batch is finalised
+    points: Any = None  # the VideoPoints (one per segment), built when the batch is finalised
     dlq_sent: bool = False  # this failed item's DLQ record was acknowledged (or refused for good)
     dlq_minimal: bool = False  # the broker refused its full DLQ record: send only size, sha256, source
 

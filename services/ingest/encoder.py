@@ -41,8 +41,11 @@ class DecodeMeta:
     """The small half of a decode result: the driver fetches this, never the frames."""
 
     ok: bool
-    num_frames: int = 0
-    timestamps: tuple[float, ...] = ()
+    num_frames: int = 0  # distinct frames decoded (overlapping segments share frames)
+    timestamps: tuple[float, ...] = ()  # of the distinct frames, seconds from the video's start
+    # Per segment: its span and the indices (into the distinct frames) of its frames.
+    windows: tuple[tuple[float, float], ...] = ()
+    frame_index: tuple[tuple[int, ...], ...] = ()
     duration_s: float = 0.0
     width: int = 0
     height: int = 0
@@ -55,17 +58,18 @@ class DecodeMeta:
 
 @ray.remote(num_returns=2, max_retries=DECODE_SYSTEM_RETRIES)
 def decode_frames(uri: str, settings: DecodeSettings, num_frames: int, resize_to: int) -> tuple[DecodeMeta, Any]:
-    """Decode ``uri`` -> (meta, frames uint8[T,H,W,3] or None).
+    """Decode every segment window of ``uri`` in one pass -> (meta, distinct frames
+    uint8[N,H,W,3] or None); ``meta.frame_index`` says which frames each segment has.
 
     Failures come back as values, not exceptions: a VideoError is permanent (DLQ),
     an OSError is transient (the file system or network hiccuped; retry). Anything
     else is a decoder bug for this input; it is reported as permanent so that one
     odd file cannot stall its partition, and the DLQ keeps it for replay.
     """
-    from vidsearch.video import VideoError, decode_video
+    from vidsearch.video import VideoError, decode_segments
 
     try:
-        video = decode_video(uri, settings, num_frames=num_frames, resize_to=resize_to)
+        video = decode_segments(uri, settings, num_frames=num_frames, resize_to=resize_to)
     except VideoError as exc:
         return DecodeMeta(ok=False, error_class=exc.error_class, reason=exc.reason), None
     except OSError as exc:
@@ -73,8 +77,10 @@ def decode_frames(uri: str, settings: DecodeSettings, num_frames: int, resize_to
     except Exception as exc:  # noqa: BLE001 - see docstring
         return DecodeMeta(ok=False, error_class="decode_failed",
                           reason=f"{uri}: {type(exc).__name__}: {exc}"), None
-    meta = DecodeMeta(ok=True, num_frames=video.num_frames,
-                      timestamps=tuple(float(t) for t in video.timestamps), duration_s=video.duration_s,
+    meta = DecodeMeta(ok=True, num_frames=int(video.frames.shape[0]),
+                      timestamps=tuple(float(t) for t in video.timestamps),
+                      windows=tuple((w.start_s, w.end_s) for w in video.windows), frame_index=video.frame_index,
+                      duration_s=video.duration_s,
                       width=video.width, height=video.height, fps=video.fps, codec=video.codec)
     return meta, video.frames
 
@@ -192,8 +198,22 @@ class FrameEncoder:
         Frames of all videos go through the image tower together, ``batch_frames``
         at a time, so small videos still fill the device.
         """
+        windows = [(tuple(range(int(v.shape[0]))),) for v in videos]
+        return [(vectors[0], frames) for vectors, frames in self.encode_segments(*videos, windows=windows,
+                                                                                 version=version)]
+
+    def encode_segments(self, *videos: np.ndarray, windows: list[tuple[tuple[int, ...], ...]],
+                        version: str | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Distinct frames of several videos, and per video the frame indices of each of
+        its segments -> per video (segment_vectors[S,D], frames[N,D]), float32.
+
+        Every distinct frame goes through the image tower once (overlapping segments
+        share frames); the head then aggregates each segment from its own frames.
+        """
         torch = self._torch
         model = self._model(version)
+        if len(windows) != len(videos):
+            raise ValueError(f"{len(windows)} segment lists for {len(videos)} videos")
         counts = [int(v.shape[0]) for v in videos]
         with torch.inference_mode():
             # Preprocess per video: videos may differ in aspect ratio, the output never does.
@@ -202,15 +222,19 @@ class FrameEncoder:
                       for i in range(0, pixels.shape[0], self.batch_frames)]
             features = torch.cat(chunks)
             per_video = list(torch.split(features, counts))
-            longest = max(counts)
-            padded = features.new_zeros((len(videos), longest, features.shape[-1]))
-            mask = torch.zeros((len(videos), longest), dtype=torch.bool, device=features.device)
-            for row, frames in enumerate(per_video):
-                padded[row, :frames.shape[0]] = frames
-                mask[row, :frames.shape[0]] = True
-            vectors = model.aggregate(padded, mask)
-        return [(vectors[i].float().cpu().numpy(), per_video[i].float().cpu().numpy())
-                for i in range(len(videos))]
+            rows = [(v, index) for v, segments in enumerate(windows) for index in segments]
+            longest = max(len(index) for _, index in rows)
+            padded = features.new_zeros((len(rows), longest, features.shape[-1]))
+            mask = torch.zeros((len(rows), longest), dtype=torch.bool, device=features.device)
+            for row, (v, index) in enumerate(rows):
+                padded[row, :len(index)] = per_video[v][list(index)]
+                mask[row, :len(index)] = True
+            vectors = model.aggregate(padded, mask).float().cpu().numpy()
+        out, start = [], 0
+        for v, segments in enumerate(windows):
+            out.append((vectors[start:start + len(segments)], per_video[v].float().cpu().numpy()))
+            start += len(segments)
+        return out
 
 
 def use_gpu(settings: Settings) -> bool:

@@ -204,7 +204,9 @@ class Pipeline:
             refs = [j.frames_ref for j in jobs]
             version = jobs[0].version
             handle = self.pool.actors[actor]
-            ref = handle.encode.remote(*refs) if version is None else handle.encode.remote(*refs, version=version)
+            # Each distinct frame is encoded once; the actor aggregates every segment.
+            windows = [j.meta.frame_index for j in jobs]
+            ref = handle.encode_segments.remote(*refs, windows=windows, version=version)
             self._calls[ref] = _Call(actor, jobs, ref)
             self.pool.outstanding[actor] += 1
 
@@ -242,13 +244,14 @@ class Pipeline:
                     self._retry(job, "encode", f"{type(exc).__name__}: {exc}")
                 continue
             frames_total = 0
-            for job, (vector, frames) in zip(call.jobs, results):
+            for job, (vectors, frames) in zip(call.jobs, results):
                 frames_total += int(frames.shape[0])
                 if job.dropped:
                     continue
                 meta = job.meta
                 job.item.encoded = Encoded(
-                    video_vector=vector, frames=frames, timestamps=list(meta.timestamps),
+                    segment_vectors=vectors, frames=frames, timestamps=list(meta.timestamps),
+                    windows=meta.windows, frame_index=meta.frame_index,
                     duration_s=meta.duration_s, width=meta.width, height=meta.height,
                     fps=meta.fps, codec=meta.codec)
             self.metrics.frames_encoded.inc(frames_total)

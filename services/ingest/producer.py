@@ -239,7 +239,7 @@ def _setting_for(exc: Exception) -> str:
     from vidsearch.uris import NotAllowed
 
     reason = getattr(exc, "reason", str(exc))
-    match = re.search(r"\b(max_bytes|max_pixels|max_duration_s)=", reason)
+    match = re.search(r"\b(max_bytes|max_pixels|max_duration_s|max_segments|max_decoded_mb)=", reason)
     if match:
         return f"decode.{match.group(1)}"
     if isinstance(exc, NotAllowed):

@@ -21,7 +21,7 @@ One thread drives everything (kafka-python consumers are not thread-safe):
   thread, while this thread waits in poll), so it never races the code below.
   Work of revoked partitions is dropped uncommitted; the new owner re-reads it
   from the committed offset, and re-writing is harmless because point ids are
-  uuid5(video_id).
+  uuid5 of (video_id, segment) and the write trims a shorter video's stale segments.
 * The worker follows the store alias (not the registry's ``production``): every
   ``serve.alias_poll_s`` it checks which collection ``store.alias`` points at. Each
   batch captures one :class:`EncodeTarget` (model version, collection, frames per
@@ -555,7 +555,7 @@ class IngestWorker:
         redo = []
         for item in batch.live_items():
             if isinstance(item.op, UpsertOp) and not item.failed:
-                item.encoded, item.point = None, None
+                item.encoded, item.points = None, None
                 redo.append(item)
         self.pipeline.submit(redo)
 
@@ -637,25 +637,26 @@ class IngestWorker:
             upserts, _ = batch.final_ops()
             refused = False
             for item in upserts:
-                if item.point is not None:
+                if item.points is not None:
                     continue
                 try:
-                    item.point = self._point(item)
+                    item.points = self._points(item)
                 except ValueError as exc:
                     item.fail("bad_message" if "metadata" in str(exc) else "encode_failed", str(exc)[:1000])
                     refused = True
             if not refused:
                 return
 
-    def _point(self, item: Item) -> Any:
-        from vidsearch.store import VideoPoint, build_payload
+    def _points(self, item: Item) -> list[Any]:
+        """One point per segment (one for a short video), all with one ``ingested_at``."""
+        from vidsearch.store import build_payload
 
         op, encoded, target = item.op, item.encoded, item.batch.target
         payload = build_payload(op.video_id, op.uri, op.metadata, encoded.timestamps, encoded.duration_s,
                                 target.frame_encoder, target.version)
         payload.update({"width": encoded.width, "height": encoded.height, "fps": encoded.fps,
                         "codec": encoded.codec})
-        return VideoPoint(op.video_id, encoded.video_vector, encoded.frames, payload)
+        return encoded.points(op.video_id, payload)
 
     def _send_dlq(self, batch: Batch) -> None:
         """Publish the DLQ records of the batch's failed items.
@@ -735,7 +736,9 @@ class IngestWorker:
         target = batch.target
         try:
             if upserts:
-                self._store.upsert(target.collection, [item.point for item in upserts])
+                # Every segment of each video; the store then trims segments a longer
+                # earlier version of a video left (see VectorStore.upsert).
+                self._store.upsert(target.collection, [p for item in upserts for p in item.points])
             if deletes:
                 ids = [item.op.video_id for item in deletes]
                 self._store.delete(target.collection, ids)

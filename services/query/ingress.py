@@ -37,7 +37,7 @@ from vidsearch.v1 import search_pb2
 from .auth import is_authorized
 from .errors import RequestError, RpcFailure
 from .live import LiveIndex, LiveIndexTracker
-from .response import Candidates, build_results, pad_hits, stage_timings, video_response
+from .response import Candidates, build_results, pad_groups, stage_timings, video_response
 from .deadline import deadline_from_metadata
 from .validation import SearchParams, validate_search, validate_video_id
 
@@ -153,9 +153,11 @@ class SearchIngress:
                                             timeout=max(deadline - t_encode, 0.0))
             t_recall = time.perf_counter()
             try:
-                hits = await asyncio.wait_for(
-                    asyncio.to_thread(self._store.query, live.collection, vector, params.recall_k,
-                                      list(params.filters), True),
+                # One group per video (Qdrant group-by on video_id), each with its best
+                # serve.rerank_segments segments for the reranker.
+                groups = await asyncio.wait_for(
+                    asyncio.to_thread(self._store.query_groups, live.collection, vector, params.recall_k,
+                                      self._settings.serve.rerank_segments, list(params.filters), True),
                     timeout=max(deadline - t_recall, 0.0))
             except CollectionNotFound:
                 # The captured collection was dropped right after an alias flip: redo
@@ -168,7 +170,7 @@ class SearchIngress:
                                  f"the live collection {live.collection} no longer exists")
             break
         t_rerank = time.perf_counter()
-        candidates = pad_hits(hits)
+        candidates = pad_groups(groups)
 
         rerank: RerankResult | None = None
         if params.rerank and candidates.hits:

@@ -5,8 +5,8 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
-from vidsearch.services.reranker.scoring import pad_frames
-from vidsearch.store_schema import Hit
+from vidsearch.services.reranker.scoring import best_segments, pad_frames
+from vidsearch.store_schema import Hit, segment_span
 from vidsearch.v1 import search_pb2
 
 from .fusion import best_moments, frame_text_cosine, fuse, rank
@@ -15,11 +15,25 @@ from .payloads import PayloadView, fit_response, payload_view
 
 @dataclass
 class Candidates:
-    """The recalled hits with their frames padded into one array."""
+    """The recalled segments (rows) with their frames padded into one array.
+
+    ``groups[r]`` is the video of row r; a video's rows are consecutive, best recall
+    first (what the store's group-by returns). None: every row is its own video.
+    """
 
     hits: list[Hit]
     frames: np.ndarray  # float32[K, T, D]
     mask: np.ndarray  # bool[K, T]
+    groups: list[int] | None = None
+
+    def video_rows(self) -> list[list[int]]:
+        """Per video, in recall order: its rows."""
+        if self.groups is None:
+            return [[row] for row in range(len(self.hits))]
+        rows: dict[int, list[int]] = {}
+        for row, video in enumerate(self.groups):
+            rows.setdefault(video, []).append(row)
+        return list(rows.values())
 
     @property
     def recall_scores(self) -> np.ndarray:
@@ -34,34 +48,48 @@ def build_results(candidates: Candidates, text_vector: np.ndarray, top_k: int, b
                   rerank_scores: np.ndarray | None,
                   frame_relevance: np.ndarray | None, *, max_payload_bytes: int,
                   max_response_bytes: int) -> list[search_pb2.SearchResult]:
-    """Fuse, order and cut to top_k; each result gets its best moment.
+    """Fuse per video, order and cut to top_k; each result gets its best segment and
+    best moment.
 
-    Without rerank scores the best moment comes from the cosine of the query with
-    each stored frame; with them, from the cross-encoder's frame relevance.
+    A video's recall score is its best segment's (the group-by order). Re-ranked, its
+    rerank score is its best segment's by the cross-encoder and that segment is the
+    one returned; otherwise the best segment by recall is. The best moment is the best
+    frame inside the returned segment: without rerank scores by the cosine of the
+    query with each stored frame, with them by the cross-encoder's frame relevance.
     Payloads go through :func:`payloads.payload_view` (no credentials, encodable,
     at most ``max_payload_bytes``) and the largest are cut until the results fit
     ``max_response_bytes``: one bad stored point never fails the whole search.
     """
     if not candidates.hits:
         return []
-    recall = candidates.recall_scores
-    fused = fuse(recall, rerank_scores, beta)
+    rows_of = candidates.video_rows()
+    recall = candidates.recall_scores[[rows[0] for rows in rows_of]]
+    if rerank_scores is None:
+        rerank, best_row = None, [rows[0] for rows in rows_of]
+    else:
+        rerank, best_row = best_segments(rerank_scores, rows_of)
+    fused = fuse(recall, rerank, beta)
     relevance = frame_relevance if frame_relevance is not None else \
         frame_text_cosine(text_vector, candidates.frames)
     moments = best_moments(relevance, candidates.mask, candidates.timestamps)
-    results = []
+    results, payloads = [], []
     for index in rank(fused)[:top_k]:
-        hit = candidates.hits[index]
+        row = best_row[index]
+        hit = candidates.hits[row]
+        span = segment_span(hit.payload)
         view = payload_view(hit.video_id, hit.payload, max_payload_bytes)
         results.append(search_pb2.SearchResult(
             video_id=hit.video_id,
             score=float(fused[index]),
             recall_score=float(recall[index]),
-            rerank_score=float(rerank_scores[index]) if rerank_scores is not None else 0.0,
-            best_moment_seconds=moments[index],
+            rerank_score=float(rerank[index]) if rerank is not None else 0.0,
+            best_moment_seconds=moments[row],
             payload=view.struct, summary=view.summary, payload_notice=view.notice,
+            segment_start_s=span.start_s, segment_end_s=span.end_s, segment=span.segment,
+            segment_count=span.segment_count,
         ))
-    fit_response(results, [candidates.hits[i].payload for i in rank(fused)[:top_k]], max_response_bytes)
+        payloads.append(hit.payload)
+    fit_response(results, payloads, max_response_bytes)
     return results
 
 
@@ -77,6 +105,14 @@ def stage_timings(encode_ms: float, recall_ms: float, rerank_ms: float,
                   total_ms: float) -> search_pb2.StageTimings:
     return search_pb2.StageTimings(encode_ms=encode_ms, recall_ms=recall_ms, rerank_ms=rerank_ms,
                                    total_ms=total_ms)
+
+
+def pad_groups(groups: Sequence[Sequence[Hit]]) -> Candidates:
+    """The store's per-video groups of segment hits as candidate rows (see Candidates)."""
+    rows = [(video, hit) for video, group in enumerate(groups) for hit in group]
+    candidates = pad_hits([hit for _, hit in rows])
+    candidates.groups = [video for video, _ in rows]
+    return candidates
 
 
 def pad_hits(hits: Sequence[Hit]) -> Candidates:

@@ -15,7 +15,8 @@ from vidsearch.models import VideoTextModel
 
 @dataclass
 class RerankRequest:
-    """One query and its recalled candidates' stored frames."""
+    """One query and its recalled candidates' stored frames: one row per segment (the
+    best ``serve.rerank_segments`` of each recalled video), scored independently."""
 
     text: str
     frames: np.ndarray  # float32[K, T, D]: padded per-frame embeddings of K candidates
@@ -41,6 +42,14 @@ class RerankResult:
     frame_relevance: np.ndarray  # float32[K, T]: per-frame relevance (0 on padding)
     model_version: str
     batch_size: int  # requests scored together in this batch (to observe batching)
+
+
+def best_segments(scores: np.ndarray, video_rows: list[list[int]]) -> tuple[np.ndarray, list[int]]:
+    """A video scores as its best segment: per video (its candidate rows), the highest
+    row score and that row. Ties keep the first row (the better recall)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    best = [rows[int(np.argmax(scores[rows]))] for rows in video_rows]
+    return scores[best].astype(np.float32), best
 
 
 def pad_frames(frames: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

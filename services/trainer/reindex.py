@@ -15,6 +15,11 @@ How each point is converted (per point, by its payload's ``frame_encoder``):
   target version), like an ingest. A uri that no longer decodes is reported in
   :attr:`ReindexReport.failed` and skipped (its video is not in the new index).
 
+A long video is several points, one per segment (see ``vidsearch.segments``); it is
+converted whole: each segment's ``video`` vector from that segment's own stored
+frames, its segment payload (``segment``, ``segment_count``, ``start_s``, ``end_s``)
+carried over, and the target's stale tail segments trimmed by the store's upsert.
+
 Either way the payload is kept (``ingested_at`` too: it is when the video was ingested)
 with ``model_version`` (and ``frame_encoder``, frame timestamps, size ... for a
 re-decoded video) updated.
@@ -350,13 +355,22 @@ class _Migration:
                   disable=not self.progress) as bar:
             for start in range(0, len(video_ids), CONVERT_BATCH):
                 chunk = video_ids[start:start + CONVERT_BATCH]
-                # Missing ones were deleted meanwhile: the next pass sees that.
-                videos = self.store.get(self.source, chunk, with_vectors=True)
+                # Every segment of each video. Missing ones were deleted meanwhile: the
+                # next pass sees that.
+                segments = self.store.get_segments(self.source, chunk, with_vectors=True)
+                by_video: dict[str, list[Any]] = {}
+                for segment in segments:
+                    by_video.setdefault(segment.video_id, []).append(segment)
                 keep, redo = [], []
-                for video in videos:
-                    same = (video.payload.get("frame_encoder") == self.frame_encoder and video.frames is not None
-                            and len(video.frames) <= self.max_frames)
-                    (keep if same else redo).append(video)
+                for parts in by_video.values():
+                    # A video is converted whole: from its stored frames when every
+                    # segment allows it, else decoded again (once for all its segments).
+                    same = all(p.payload.get("frame_encoder") == self.frame_encoder and p.frames is not None
+                               and len(p.frames) <= self.max_frames for p in parts)
+                    if same:
+                        keep.extend(parts)
+                    else:
+                        redo.append(parts[0])
                 points = self._from_frames(keep) + self._redecode(redo)
                 if points:
                     self.store.upsert(self.target, points)
@@ -391,8 +405,6 @@ class _Migration:
         return points
 
     def _redecode(self, videos: list[Any]) -> list[Any]:
-        from vidsearch.store import VideoPoint
-
         if not videos:
             return []
         if self._redecoder is None:
@@ -404,7 +416,9 @@ class _Migration:
         for video, result in self._redecoder.run(videos):
             if not isinstance(result, FailedVideo):
                 try:
-                    points.append(VideoPoint(video.video_id, result.video_vector, result.frames, self._payload(
+                    # Segment fields and frame times come from the new decode (the same
+                    # windows unless the segment settings changed).
+                    points.extend(result.points(video.video_id, self._payload(
                         video, frame_timestamps=list(result.timestamps), duration_s=result.duration_s,
                         width=result.width, height=result.height, fps=result.fps, codec=result.codec,
                         frame_encoder=self._redecoder.frame_encoder)))

@@ -192,7 +192,11 @@ function card(hit, rank, reranked) {
   const thumb = node.querySelector(".thumb");
   thumb.src = `thumb/${id}?t=${moment.toFixed(3)}`;
   thumb.alt = `${title} at ${when}`;
-  node.querySelector(".badge").textContent = `▶ ${when}`;
+  // A long video's best segment (moment): its span, beside the best frame's time.
+  const segments = Number(hit.segment_count ?? 1);
+  const span = segments > 1
+    ? ` · ${formatTime(Number(hit.segment_start_s ?? 0))}–${formatTime(Number(hit.segment_end_s ?? 0))}` : "";
+  node.querySelector(".badge").textContent = `▶ ${when}${span}`;
   poster.setAttribute("aria-label", `Play ${title} from ${when}`);
   // The fragment starts the player at the best moment; browsers that ignore it get currentTime.
   video.src = `media/${id}#t=${moment.toFixed(3)}`;
