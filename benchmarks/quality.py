@@ -1,7 +1,7 @@
 """Retrieval quality of the shipped model: does distillation lift the student, does
 re-ranking recover the slow model, does order matter, and does it generalise?
 
-    python benchmarks/quality.py [--registry deploy/models] [--version production] [--quick]
+    python benchmarks/quality.py [--registry deploy/models] [--version production] [--quick] [--long | --long-only]
 
 On the synthetic test split of the dataset the version was trained on (rebuilt
 deterministically from the manifest's recorded generator arguments) and on a
@@ -20,6 +20,11 @@ per-query latency for:
 
 Results go to docs/benchmarks/quality.md and quality.png. Latencies are in-process
 on this machine's CPU and count for ratios only (absolute times need a GPU).
+
+``--long`` adds a "Long videos (moments)" section (benchmarks/quality_long.py: long
+synthetic videos indexed as segments, one event caption per query, video R@1/R@5 and
+moment accuracy against chance); ``--long-only`` runs just that part and replaces only
+that section of an existing quality.md (and the "long" key of quality.json).
 """
 from __future__ import annotations
 
@@ -235,8 +240,13 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="smaller sets, results under .bench/ only")
     parser.add_argument("--latency-sizes", type=lambda v: [int(x) for x in v.split(",")], default=[300, 3000, 10000],
                         help="corpus sizes for the latency comparison (comma-separated)")
+    parser.add_argument("--long", action="store_true", help="also measure long videos (segments, moment accuracy)")
+    parser.add_argument("--long-only", action="store_true", help="measure only long videos; keep the other tables")
     args = parser.parse_args()
     torch.set_num_threads(2)
+    if args.long_only:
+        write_long(CACHE_DIR if args.quick else DOCS_DIR, args)
+        return 0
 
     from safetensors.torch import load as st_load
 
@@ -309,7 +319,26 @@ def main() -> int:
     out_dir = (CACHE_DIR if args.quick else DOCS_DIR)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_results(out_dir, manifest, results, args)
+    if args.long:
+        write_long(out_dir, args)
     return 0
+
+
+def write_long(out_dir: Path, args: argparse.Namespace) -> None:
+    """Run the long-video part and splice its section into quality.md (and quality.json)."""
+    from quality_long import run_long, section_lines, splice_section
+
+    from vidsearch.config import load_settings
+
+    long = run_long(args.registry, load_settings(), CACHE_DIR)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    markdown, data = out_dir / "quality.md", out_dir / "quality.json"
+    section = section_lines(long, md_table, command_line())
+    text = markdown.read_text() if markdown.is_file() else "# Retrieval quality\n"
+    markdown.write_text(splice_section(text, section))
+    stored = json.loads(data.read_text()) if data.is_file() else {}
+    data.write_text(json.dumps({**stored, "long": long}, indent=2))
+    print("\n".join(section))
 
 
 def _verdicts(results: dict, scaling: dict[int, dict[str, float]]) -> list[tuple[str, str, bool]]:

@@ -16,9 +16,12 @@ from typing import Any, Sequence
 import numpy as np
 
 __all__ = ["ranks", "video_to_text_ranks", "summarize_ranks", "retrieval_metrics",
-           "video_to_text_metrics", "DEFAULT_KS"]
+           "video_to_text_metrics", "moment_metrics", "in_span", "DEFAULT_KS", "MOMENT_TOLERANCE_S"]
 
 DEFAULT_KS: tuple[int, ...] = (1, 5, 10)
+# Manifest spans are rounded to 0.1 ms and decoded timestamps are float32: a frame shown
+# exactly at an event's start must not fall out of it by rounding.
+MOMENT_TOLERANCE_S = 1e-4
 # Rows compared at once: bounds the temporary boolean matrix to about 16 M cells.
 _CHUNK_CELLS = 1 << 24
 
@@ -122,3 +125,51 @@ def retrieval_metrics(sim: Any, text_to_video: Any, ks: Sequence[int] = DEFAULT_
 def video_to_text_metrics(sim: Any, text_to_video: Any, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
     """Video->text R@k (percent), MdR and MnR over every video (see video_to_text_ranks)."""
     return summarize_ranks(video_to_text_ranks(sim, text_to_video), ks)
+
+
+def in_span(moment_s: float, start_s: float, end_s: float) -> bool:
+    """Whether a frame time lies in the event span ``[start_s, end_s)``: the frame at
+    ``end_s`` is the first one after the event (within :data:`MOMENT_TOLERANCE_S`)."""
+    return start_s - MOMENT_TOLERANCE_S <= moment_s < end_s - MOMENT_TOLERANCE_S
+
+
+def moment_metrics(rank_values: Sequence[int | None], moments: Sequence[float | None],
+                   spans: Sequence[tuple[float, float]], durations: Sequence[float]) -> dict[str, float]:
+    """Moment accuracy of event-caption queries on long videos, in percent.
+
+    Per query: ``rank_values[i]`` is the rank of the right video in the results (1 =
+    first; None or 0 when it was not returned), ``moments[i]`` the ``best_moment_seconds``
+    reported for it (None when not returned), ``spans[i]`` the event's (start_s, end_s)
+    and ``durations[i]`` its video's length.
+
+    - ``moment@1``: of the queries whose first result is the right video, the share
+      whose moment lies in the span (NaN when there is none);
+    - ``moment_all``: of all queries, the share with the right video first *and* its
+      moment in the span (``R@1 x moment@1``);
+    - ``moment_found``: of the queries whose right video was returned at any rank, the
+      share whose moment lies in the span (NaN when none was returned);
+    - ``chance``: the mean of span length / duration, what a moment drawn uniformly
+      over the video would score;
+    - ``hits@1``, ``found`` and ``queries``: the counts behind them.
+    """
+    n = len(spans)
+    if not (len(rank_values) == len(moments) == len(durations) == n) or n == 0:
+        raise ValueError(f"moment_metrics needs one rank, moment, span and duration per query "
+                         f"(got {len(rank_values)}, {len(moments)}, {n}, {len(durations)})")
+    first, found, inside_first, inside_found, chance = 0, 0, 0, 0, 0.0
+    for rank, moment, (start, end), duration in zip(rank_values, moments, spans, durations):
+        if not (duration > 0 and 0 <= start <= end):
+            raise ValueError(f"bad span ({start}, {end}) for a video of {duration} s")
+        chance += min(max((min(end, duration) - start) / duration, 0.0), 1.0)
+        if not rank or moment is None:
+            continue
+        hit = in_span(float(moment), float(start), float(end))
+        found += 1
+        inside_found += hit
+        if rank == 1:
+            first += 1
+            inside_first += hit
+    return {"moment@1": 100.0 * inside_first / first if first else float("nan"),
+            "moment_all": 100.0 * inside_first / n,
+            "moment_found": 100.0 * inside_found / found if found else float("nan"),
+            "chance": 100.0 * chance / n, "hits@1": float(first), "found": float(found), "queries": float(n)}

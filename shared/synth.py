@@ -19,7 +19,7 @@ import logging
 import multiprocessing
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -130,6 +130,25 @@ def render_video(spec: VideoSpec, size: int) -> np.ndarray:
         segment = frames[event.start_frame:event.end_frame]
         segment[mask] = COLOURS[event.colour]
     return frames
+
+
+def iter_frames(spec: VideoSpec, size: int, chunk_frames: int = 512) -> Iterator[np.ndarray]:
+    """The frames of :func:`render_video`, rendered about ``chunk_frames`` at a time so a
+    long video never holds all its pixels at once. Chunks are cut only where no event
+    spans the cut (an event's track is a function of its whole length), so the frames
+    are identical to ``render_video``'s; a short video is one chunk."""
+    events = sorted(spec.events, key=lambda e: e.start_frame)
+    start = 0
+    while start < spec.num_frames:
+        stop = start + chunk_frames
+        for event in events:  # sorted, so a chain of overlapping events extends the cut in one pass
+            if event.start_frame < stop < event.end_frame:
+                stop = event.end_frame
+        stop = min(stop, spec.num_frames)
+        inside = tuple(replace(e, start_frame=e.start_frame - start, end_frame=e.end_frame - start)
+                       for e in events if e.start_frame < stop and e.end_frame > start)
+        yield from render_video(VideoSpec(inside, stop - start, spec.background), size)
+        start = stop
 
 
 # ---------------------------------------------------------------- dataset
@@ -246,7 +265,7 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
 
 def _write_one(job: tuple[VideoSpec, int, float, str]) -> str:
     spec, size, fps, path = job
-    write_video(path, render_video(spec, size), fps=fps)
+    write_video(path, iter_frames(spec, size), fps=fps)
     return path
 
 
@@ -337,4 +356,4 @@ def split_records(records: Iterable[SynthRecord], split: str) -> list[SynthRecor
 
 
 __all__ = ["SPLITS", "SHAPES", "COLOURS", "SynthError", "SynthRecord", "assign_splits", "event_track",
-           "generate_dataset", "load_manifest", "render_video", "split_records", "validate_args"]
+           "generate_dataset", "iter_frames", "load_manifest", "render_video", "split_records", "validate_args"]

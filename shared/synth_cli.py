@@ -6,18 +6,22 @@ import argparse
 from vidsearch.cli import CommandError
 from vidsearch.config import Settings
 
+# The long mode's defaults, stated once for the help text and the run.
+LONG_DEFAULTS = {"n": 4, "seconds": 180.0, "min_event_s": 5.0, "max_event_s": 12.0, "max_gap_s": 2.0}
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Write N procedurally drawn videos of coloured shapes doing ordered events, with "
         "captions and reversed-order / one-attribute hard negatives, into OUT/videos/ and "
-        "OUT/manifest.jsonl (paths relative to OUT).")
+        "OUT/manifest.jsonl (paths relative to OUT). With --long: a few minutes-long videos, "
+        "each a run of single events with their own captions and start/end times (moments).")
     parser.add_argument("--out", required=True, help="output directory (created; must be empty unless --overwrite)")
-    parser.add_argument("--n", type=int, default=500, help="number of videos (default 500)")
+    parser.add_argument("--n", type=int, default=None, help="number of videos (default 500; 4 with --long)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same dataset (default 0)")
     parser.add_argument("--size", type=int, default=64, help="frame width = height in pixels, even (default 64)")
     parser.add_argument("--fps", type=float, default=8.0, help="frames per second (default 8)")
-    parser.add_argument("--seconds", type=float, default=3.0, help="video length (default 3)")
+    parser.add_argument("--seconds", type=float, default=None, help="video length (default 3; 180 with --long)")
     parser.add_argument("--val-frac", type=float, default=0.1, help="fraction of videos in the val split")
     parser.add_argument("--test-frac", type=float, default=0.1, help="fraction of videos in the test split")
     parser.add_argument("--reverse-rate", type=float, default=0.4,
@@ -29,12 +33,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="replace an earlier dataset in a non-empty OUT (other files are kept)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bar on stderr (default: only when stderr is a terminal)")
+    long = parser.add_argument_group("long videos (--long; the split and twin options above do not apply)")
+    long.add_argument("--long", action="store_true",
+                      help="write long videos of many events with known times (split test, no twins)")
+    for flag, default, what in (("--min-event-s", LONG_DEFAULTS["min_event_s"], "shortest event"),
+                                ("--max-event-s", LONG_DEFAULTS["max_event_s"], "longest event"),
+                                ("--max-gap-s", LONG_DEFAULTS["max_gap_s"], "longest empty gap before an event")):
+        long.add_argument(flag, type=float, default=None, help=f"{what}, seconds (default {default:g})")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     # Imported here so that `vidsearch synth --help` does not load PyAV.
     from vidsearch.synth import SynthError, generate_dataset, load_manifest
 
+    if args.long:
+        return _run_long(args)
+    given = [flag for flag in ("min_event_s", "max_event_s", "max_gap_s") if getattr(args, flag) is not None]
+    if given:
+        raise CommandError(f"--{given[0].replace('_', '-')} applies only with --long")
+    args.n = 500 if args.n is None else args.n
+    args.seconds = 3.0 if args.seconds is None else args.seconds
     try:
         manifest = generate_dataset(
             args.out, args.n, args.seed, size=args.size, fps=args.fps, seconds=args.seconds,
@@ -45,4 +63,22 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     records = load_manifest(manifest)
     counts = {split: sum(r.split == split for r in records) for split in ("train", "val", "test")}
     print(f"wrote {len(records)} videos ({', '.join(f'{k} {v}' for k, v in counts.items())}) -> {manifest}")
+    return 0
+
+
+def _run_long(args: argparse.Namespace) -> int:
+    from vidsearch.synth import SynthError, load_manifest
+    from vidsearch.synth_long import generate_long_dataset
+
+    values = {k: (LONG_DEFAULTS[k] if getattr(args, k) is None else getattr(args, k)) for k in LONG_DEFAULTS}
+    try:
+        manifest = generate_long_dataset(
+            args.out, int(values["n"]), args.seed, size=args.size, fps=args.fps, seconds=values["seconds"],
+            min_event_s=values["min_event_s"], max_event_s=values["max_event_s"], max_gap_s=values["max_gap_s"],
+            workers=args.workers, overwrite=args.overwrite, progress=args.progress)
+    except SynthError as exc:
+        raise CommandError(str(exc)) from None
+    records = load_manifest(manifest)
+    events = sum(len(r.events) for r in records)
+    print(f"wrote {len(records)} long videos ({events} events, {values['seconds']:g} s each) -> {manifest}")
     return 0
