@@ -28,7 +28,10 @@ demo: install
 bench: install
 	$(PY) benchmarks/ingest.py
 	$(PY) benchmarks/serve.py
-	$(PY) benchmarks/quality.py
+	$(PY) benchmarks/quality.py --long
+	$(PY) -m pip install -q --no-build-isolation -e '.[dev,bench]'
+	$(PY) benchmarks/decode.py
+	$(PY) benchmarks/store.py
 
 # Re-train the shipped model (deploy/models) with the recorded command.
 shipped-model: install
