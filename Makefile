@@ -27,6 +27,7 @@ demo: install
 
 bench: install
 	$(PY) benchmarks/ingest.py
+	$(PY) benchmarks/ingest.py --realistic
 	$(PY) benchmarks/serve.py
 	$(PY) benchmarks/quality.py --long
 	$(PY) -m pip install -q --no-build-isolation -e '.[dev,bench]'

@@ -116,7 +116,8 @@ class DecodeSettings(_Section):
     num_frames: int = Field(12, ge=1, description='frames sampled per video when sampling=uniform')
     sampling: Literal["uniform", "fps"] = Field("uniform", description='uniform (num_frames spread over the video) | fps')
     fps: float = Field(1.0, gt=0, description="frames per second when sampling=fps")
-    threads: int = Field(0, ge=0, description="PyAV decode threads; 0 = let FFmpeg choose")
+    threads: int = Field(1, ge=0, description="PyAV decode threads per decode task; 1 gives the most frames per core "
+                         "(docs/benchmarks/decode.md), 0 = let FFmpeg choose")
     segment_s: float = Field(30.0, gt=0, description="a video longer than this is indexed as segments this long (moments)")
     segment_overlap_s: float = Field(5.0, ge=0, description="overlap between consecutive segments (below segment_s)")
     max_segments: int = Field(144, ge=1, description="most segments per video; a video needing more goes to the DLQ (too_large)")
