@@ -197,7 +197,7 @@ def dir_bytes(path: str) -> int:
             try:
                 total += os.path.getsize(os.path.join(root, name))
             except OSError:
-                pass
+                pass  # the engine removed it (a compacted segment) while we walked
     return total
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import av
 import numpy as np
@@ -37,6 +37,8 @@ from vidsearch.uris import (
     VideoNotFound,
     resolve_uri,
 )
+
+_T = TypeVar("_T")
 
 # Without a keyframe index, seek only past gaps longer than this (and longer than
 # the largest keyframe interval seen so far); shorter gaps decode through faster
@@ -89,16 +91,7 @@ def decode_video(
     connection, an unreachable host, an HTTP 500): that is worth retrying, a
     VideoError is not.
     """
-    budget = _frame_budget(settings, num_frames)
-    if resize_to is not None and (isinstance(resize_to, bool) or not isinstance(resize_to, int) or resize_to < 1):
-        raise ValueError(f"resize_to must be a positive int, got {resize_to!r}")
-    source = _Source(resolve_uri(uri, settings), settings)
-    try:
-        with _translated_errors(source):
-            source.open()
-            return _decode(source, settings, budget, resize_to)
-    finally:
-        source.close()
+    return _run_decode(_decode, uri, settings, num_frames, resize_to)
 
 
 @dataclass(frozen=True)
@@ -145,6 +138,13 @@ def decode_segments(
     ``settings.max_segments`` windows or its frames would exceed ``max_decoded_mb``,
     both found from the header before a frame is decoded.
     """
+    return _run_decode(_decode_segments, uri, settings, num_frames, resize_to)
+
+
+def _run_decode(decode: Callable[[_Source, DecodeSettings, int, int | None], _T], uri: str,
+                settings: DecodeSettings, num_frames: int | None, resize_to: int | None) -> _T:
+    """Check the arguments, open ``uri`` behind the allowlist and limits, run ``decode``
+    on it with PyAV failures translated, and always close it."""
     budget = _frame_budget(settings, num_frames)
     if resize_to is not None and (isinstance(resize_to, bool) or not isinstance(resize_to, int) or resize_to < 1):
         raise ValueError(f"resize_to must be a positive int, got {resize_to!r}")
@@ -152,18 +152,14 @@ def decode_segments(
     try:
         with _translated_errors(source):
             source.open()
-            return _decode_segments(source, settings, budget, resize_to)
+            return decode(source, settings, budget, resize_to)
     finally:
         source.close()
 
 
 def _decode_segments(source: _Source, settings: DecodeSettings, budget: int,
                      resize_to: int | None) -> DecodedSegments:
-    meta = _read_metadata(source.container, source.stream)
-    _check_limits(meta, settings, source.uri)
-    if meta.duration_s is None or _duration_doubtful(source.stream, meta):
-        meta.duration_s = _probe_duration(source, meta)
-        source.reopen()
+    meta = _checked_metadata(source, settings)
     duration = max(meta.duration_s, 0.0)
     _check_segments(duration, settings, source.uri)
     windows = segment_windows(duration, settings.segment_s, settings.segment_overlap_s)
@@ -364,6 +360,17 @@ def _read_metadata(container: av.container.InputContainer, stream: av.video.stre
     rate = stream.average_rate or stream.guessed_rate
     context = stream.codec_context
     return _Meta(context.width, context.height, origin, duration, float(rate) if rate else None)
+
+
+def _checked_metadata(source: _Source, settings: DecodeSettings) -> _Meta:
+    """The stream's metadata, checked against the limits, with a duration read from the
+    packets when the headers give none or contradict themselves."""
+    meta = _read_metadata(source.container, source.stream)
+    _check_limits(meta, settings, source.uri)
+    if meta.duration_s is None or _duration_doubtful(source.stream, meta):
+        meta.duration_s = _probe_duration(source, meta)
+        source.reopen()
+    return meta
 
 
 def _check_limits(meta: _Meta, settings: DecodeSettings, uri: str) -> None:
@@ -590,11 +597,7 @@ def _output_size(width: int, height: int, resize_to: int | None, settings: Decod
 
 
 def _decode(source: _Source, settings: DecodeSettings, budget: int, resize_to: int | None) -> DecodedVideo:
-    meta = _read_metadata(source.container, source.stream)
-    _check_limits(meta, settings, source.uri)
-    if meta.duration_s is None or _duration_doubtful(source.stream, meta):
-        meta.duration_s = _probe_duration(source, meta)
-        source.reopen()
+    meta = _checked_metadata(source, settings)
     targets = _targets(settings, budget, meta)
     spacing = targets[1] - targets[0] if len(targets) > 1 else float("inf")
     picked, seeks, keyed = _sample(source, meta, targets, resize_to, None,
@@ -732,11 +735,7 @@ def decode_frame_at(uri: str, settings: DecodeSettings, at_s: float, *,
     try:
         with _translated_errors(source):
             source.open()
-            meta = _read_metadata(source.container, source.stream)
-            _check_limits(meta, settings, source.uri)
-            if meta.duration_s is None or _duration_doubtful(source.stream, meta):
-                meta.duration_s = _probe_duration(source, meta)
-                source.reopen()
+            meta = _checked_metadata(source, settings)
             short = min(meta.width, meta.height)
             resize_to = max_short_side if max_short_side is not None and short > max_short_side else None
             picked, seeks, _ = _sample(source, meta, [meta.origin_s + float(at_s)], resize_to)

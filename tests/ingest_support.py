@@ -306,6 +306,20 @@ def count_points(store: Any, collection: str) -> int:
         return 0
 
 
+def kill_after_first_point(proc: "WorkerProcess", store: Any, collection: str, timeout_s: float) -> None:
+    """SIGKILL the worker subprocess as soon as its first point is in ``collection``:
+    mid-way through its work, with nothing flushed or committed on the way out."""
+    import signal
+
+    try:
+        started = wait_for(lambda: count_points(store, collection) > 0 or not proc.running, timeout_s)
+        assert started and proc.running, proc.log_tail()
+        proc.signal(signal.SIGKILL)
+        assert proc.wait(30) == -signal.SIGKILL
+    finally:
+        proc.kill()
+
+
 class WorkerProcess:
     """``vidsearch ingest-worker`` as a real subprocess.
 

@@ -20,7 +20,7 @@ from vidsearch.services.ingest.worker import IngestWorker
 from vidsearch.store import collection_name, open_store, shutdown_embedded_store
 
 from ingest_support import (  # noqa: F401 - fixtures
-    WorkerProcess, committed_offsets, count_points, encoder_pool, end_offsets, ensure_topic, free_port,
+    WorkerProcess, kill_after_first_point, committed_offsets, count_points, encoder_pool, end_offsets, ensure_topic, free_port,
     model_registry, produce, read_records, run_to_end, scrape_metrics, settings_for, store_held_down, store_path,
     stored_ids, upsert_msg, video_root, wait_for,
 )
@@ -83,13 +83,7 @@ def test_sigkill_mid_batch_then_a_new_worker_stores_every_video_exactly_once(
     ids = _produce_clips(broker, settings, video_root)
 
     proc = WorkerProcess(settings, tmp_path, "doomed")
-    try:
-        started = wait_for(lambda: count_points(store, collection) > 0 or not proc.running, START_TIMEOUT_S)
-        assert started and proc.running, proc.log_tail()
-        proc.signal(signal.SIGKILL)
-        assert proc.wait(30) == -signal.SIGKILL
-    finally:
-        proc.kill()
+    kill_after_first_point(proc, store, collection, START_TIMEOUT_S)
 
     stored_at_kill = set(stored_ids(store, collection))
     committed_at_kill = _ids_below_committed(broker, topic, group)

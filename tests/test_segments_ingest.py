@@ -8,7 +8,6 @@ refuses it); a SIGKILL in the middle of long videos loses and duplicates nothing
 """
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from vidsearch.uris import TooLarge
 from vidsearch.video import probe_video
 
 from ingest_support import (  # noqa: F401 - fixtures
-    WorkerProcess, committed_offsets, count_points, encoder_pool, end_offsets, ensure_topic, model_registry,
+    WorkerProcess, kill_after_first_point, committed_offsets, count_points, encoder_pool, end_offsets, ensure_topic, model_registry,
     produce, read_records, read_topic, run_to_end, settings_for, store_path, upsert_msg, delete_msg, uri,
     video_root, wait_for,
 )
@@ -124,13 +123,7 @@ def test_sigkill_in_the_middle_of_long_videos_loses_and_duplicates_no_segment(
     produce(broker.bootstrap, topic, [upsert_msg(v, files[i % 2], n=i) for i, v in enumerate(ids)])
     store = open_store(settings)
     proc = WorkerProcess(settings, tmp_path, "doomed-segments")
-    try:
-        started = wait_for(lambda: count_points(store, collection) > 0 or not proc.running, START_TIMEOUT_S)
-        assert started and proc.running, proc.log_tail()
-        proc.signal(signal.SIGKILL)
-        assert proc.wait(30) == -signal.SIGKILL
-    finally:
-        proc.kill()
+    kill_after_first_point(proc, store, collection, START_TIMEOUT_S)
     try:
         committed = committed_offsets(broker.bootstrap, group, topic)
         records = read_records(broker.bootstrap, topic, CRASH_VIDEOS)
