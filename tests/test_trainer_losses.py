@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from vidsearch.models import HeadConfig, build_model, load_model_config
 from vidsearch.models.heads import AFAHead, build_head
 from vidsearch.services.trainer.loss import (
-    cgt_loss, fgt_loss, infonce_logits, moment_loss, sharpen, symmetric_infonce,
+    cgt_loss, fgt_loss, infonce_logits, moment_loss, phrase_infonce, sharpen, symmetric_infonce,
 )
 
 # A non-symmetric logit matrix: the text->video and video->text losses differ.
@@ -144,6 +144,33 @@ def test_symmetric_infonce_with_caption_negatives_and_mask():
 
 
 # ---------------------------------------------------------------- CgT
+def test_phrase_infonce_leaves_out_interchangeable_phrases_as_negatives():
+    # Phrases 0 and 2 say the same thing: neither is a negative of the other, in either direction.
+    gen = torch.Generator().manual_seed(2)
+    text = F.normalize(torch.randn(4, 5, generator=gen), dim=-1)
+    video = F.normalize(torch.randn(4, 5, generator=gen), dim=-1)
+    same = torch.eye(4, dtype=torch.bool)
+    same[0, 2] = same[2, 0] = True
+    scale = torch.tensor(math.log(10.0))
+    sims = (text.double() @ video.double().T).numpy() * 10.0
+
+    def direction(matrix: np.ndarray) -> float:
+        total = 0.0
+        for i in range(4):
+            row = [matrix[i, j] for j in range(4) if j == i or not bool(same[i, j])]
+            total += -math.log(softmax_list(row)[[j for j in range(4) if j == i or not bool(same[i, j])].index(i)])
+        return total / 4
+
+    expected = 0.5 * (direction(sims) + direction(sims.T))
+    assert float(phrase_infonce(text, video, scale, same)) == pytest.approx(expected, rel=1e-5)
+    # With nothing interchangeable it is plain symmetric InfoNCE.
+    plain = torch.eye(4, dtype=torch.bool)
+    assert float(phrase_infonce(text, video, scale, plain)) == pytest.approx(
+        float(symmetric_infonce(text, video, scale)), rel=1e-6)
+    with pytest.raises(ValueError, match=r"\[P,P\]"):
+        phrase_infonce(text, video, scale, same[:3])
+
+
 def test_cgt_loss_is_the_pearson_distance_of_softmax_rows_and_columns():
     student = LOGITS
     teacher = np.array([[1.0, 0.2, 0.1, -0.3],

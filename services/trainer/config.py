@@ -69,6 +69,9 @@ class BackboneStage(StageBase):
     # Re-declared fields repeat StageBase's constraints: a bare default would drop them.
     lr: float = Field(2e-3, gt=0)
     steps: int = Field(1200, ge=1)
+    phrase_weight: float = Field(
+        0.0, ge=0, description="weight of the event-phrase InfoNCE: each event's own frames, through the head, "
+        "against a wording of its phrase; needs events with times (synthetic data)")
 
 
 class TeacherStage(StageBase):

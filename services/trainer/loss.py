@@ -45,6 +45,21 @@ def symmetric_infonce(text: torch.Tensor, video: torch.Tensor, logit_scale: torc
     return infonce_logits(scale * (text.float() @ video.float().T), extra)
 
 
+def phrase_infonce(text: torch.Tensor, video: torch.Tensor, logit_scale: torch.Tensor,
+                   interchangeable: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE of P event phrases (text[P,D]) against the frames of their events
+    (video[P,D]), both L2-normalised. ``interchangeable[P,P]`` marks pairs whose phrases say
+    the same thing (two "small red circle moves left" events of different videos): those are
+    no negatives of each other and are left out; the diagonal is always the positive."""
+    if text.shape != video.shape or text.dim() != 2:
+        raise ValueError(f"text {tuple(text.shape)} and video {tuple(video.shape)} must both be [P,D]")
+    if interchangeable.shape != (text.shape[0], text.shape[0]):
+        raise ValueError(f"interchangeable must be [P,P] with P={text.shape[0]}, got {tuple(interchangeable.shape)}")
+    logits = logit_scale.exp() * (text.float() @ video.float().T)
+    off_diagonal = interchangeable & ~torch.eye(text.shape[0], dtype=torch.bool, device=interchangeable.device)
+    return infonce_logits(logits.masked_fill(off_diagonal.to(logits.device), float("-inf")))
+
+
 def _pearson_distance(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """Mean over rows of 1 - Pearson correlation between rows of p and q."""
     p = p - p.mean(dim=-1, keepdim=True)

@@ -18,13 +18,13 @@ import numpy as np
 import torch
 
 from vidsearch.models import VideoTextModel
-from vidsearch.synth_scenes import counterfactual_caption, events_key
+from vidsearch.synth_scenes import Event, caption_key, clause, counterfactual_caption, events_key
 
 from .augment import make_pixels
 from .batches import BatchPlan, step_rng
 from .config import AugmentSection, BackboneStage, DistillStage, TeacherStage
 from .frames import FrameCache
-from .loss import cgt_loss, fgt_loss, infonce_logits, moment_loss, symmetric_infonce
+from .loss import cgt_loss, fgt_loss, infonce_logits, moment_loss, phrase_infonce, symmetric_infonce
 
 STAGE_IDS = {"backbone": 1, "teacher": 2, "distill": 3, "baseline": 4, "features": 5}
 
@@ -154,6 +154,47 @@ def _shard(index: np.ndarray, rank: int, world: int) -> np.ndarray:
     return np.array_split(index, world)[rank] if world > 1 else index
 
 
+@dataclass
+class EventPhrases:
+    """Every event of a batch whose window holds a sampled frame, worded as a phrase."""
+
+    rows: torch.Tensor  # [P] batch row of the event's video
+    texts: list[str]
+    windows: torch.Tensor  # [P,T] the sampled frames inside the event's window
+    interchangeable: torch.Tensor  # [P,P] True where two phrases describe the same event
+
+
+def event_phrases(bank: CaptionBank, index: np.ndarray, times: torch.Tensor, mask: torch.Tensor,
+                  rng: np.random.Generator) -> EventPhrases | None:
+    """Each event of each batch video (``times[B,T]``: its sampled frames' seconds), with a random
+    wording of its phrase; None when no event holds a sampled frame."""
+    rows, texts, windows, keys = [], [], [], []
+    for row, video in enumerate(index):
+        for data in bank.events[video]:
+            window = (times[row] >= float(data["start_s"]) - 1e-6) & (times[row] < float(data["end_s"]) - 1e-6)
+            window &= mask[row]
+            if not bool(window.any()):
+                continue
+            event = Event.from_dict(data)
+            rows.append(row)
+            texts.append(clause(event, int(rng.integers(6)), gerund=bool(rng.random() < 0.3)))
+            windows.append(window)
+            keys.append(caption_key((event,)))
+    if not rows:
+        return None
+    same = torch.tensor([[a == b for b in keys] for a in keys], dtype=torch.bool)
+    return EventPhrases(torch.as_tensor(rows), texts, torch.stack(windows), same)
+
+
+def _phrase_loss(model: VideoTextModel, encoded: torch.Tensor, phrases: EventPhrases,
+                 text: torch.Tensor) -> torch.Tensor:
+    # The head runs over each event's own frames only, so its temporal transformer sees
+    # the event's motion (left vs right share the same frames' mean) and nothing else.
+    rows = phrases.rows.to(encoded.device)
+    event_video = model.aggregate(encoded[rows], phrases.windows.to(encoded.device))
+    return phrase_infonce(text, event_video, model.clip.logit_scale, phrases.interchangeable)
+
+
 def backbone_loss(model: VideoTextModel, cache: FrameCache, bank: CaptionBank, plan: BatchPlan,
                   config: BackboneStage, augment: AugmentSection, seed: int, rank: int, world: int):
     mean, std = _normalisation(model)
@@ -167,8 +208,8 @@ def backbone_loss(model: VideoTextModel, cache: FrameCache, bank: CaptionBank, p
         picks = _shard(choice, rank, world)
         gen = _generator(seed, "backbone", step, rank)
         order = np.argsort(index)  # sorted reads from the memory map
-        pixels, mask, _ = make_pixels(cache.frames[index[order]], cache.mask[index[order]], num_frames,
-                                      mean, std, augment, gen)
+        pixels, mask, picked = make_pixels(cache.frames[index[order]], cache.mask[index[order]], num_frames,
+                                           mean, std, augment, gen)
         inverse = np.argsort(order)
         pixels, mask = pixels[inverse], mask[inverse]
         b, t = mask.shape
@@ -176,11 +217,25 @@ def backbone_loss(model: VideoTextModel, cache: FrameCache, bank: CaptionBank, p
         video = model.aggregate(encoded, mask)
         negatives = _step_negatives(bank, index, config.caption_negatives, seed, "backbone", step, rank)
         extra_texts = negatives.texts if negatives is not None else []
-        text = model.encode_text([bank.captions[i][c] for i, c in zip(index, picks)] + extra_texts)
-        text, extra = text[:b], text[b:]
-        loss = symmetric_infonce(text, video, model.clip.logit_scale, extra if negatives is not None else None,
-                                 negatives.valid.to(video.device) if negatives is not None else None)
-        return loss, {"in": float(loss.detach())}
+        phrases = None
+        if config.phrase_weight > 0:
+            times = torch.zeros((b, t))
+            for row in range(b):
+                frames_of_row = picked[inverse[row]]
+                times[row, :len(frames_of_row)] = torch.from_numpy(cache.timestamps[index[row], frames_of_row])
+            phrases = event_phrases(bank, index, times, mask, step_rng(seed, STAGE_IDS["backbone"], step, 20 + rank))
+        phrase_texts = phrases.texts if phrases is not None else []
+        text = model.encode_text([bank.captions[i][c] for i, c in zip(index, picks)] + extra_texts + phrase_texts)
+        text, extra, phrase_text = text[:b], text[b:b + len(extra_texts)], text[b + len(extra_texts):]
+        loss_in = symmetric_infonce(text, video, model.clip.logit_scale, extra if negatives is not None else None,
+                                    negatives.valid.to(video.device) if negatives is not None else None)
+        parts = {"in": float(loss_in.detach())}
+        loss = loss_in
+        if phrases is not None:
+            loss_phrase = _phrase_loss(model, encoded, phrases, phrase_text)
+            loss = loss + config.phrase_weight * loss_phrase
+            parts["phrase"] = float(loss_phrase.detach())
+        return loss, parts
     return loss_fn
 
 

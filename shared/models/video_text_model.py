@@ -93,7 +93,9 @@ class VideoTextModel(nn.Module):
         """list of B strings -> L2-normalised sentence embeddings [B,D]."""
         ids = self.tokenize(texts)
         with autocast(self.device):
-            features = self.clip.encode_text(ids)
+            # The token pass cuts the batch after its longest sentence (exact under the
+            # causal mask): short queries and event phrases skip the padded context.
+            features = text_token_features(self.clip, ids).sentence
         return F.normalize(features.float(), dim=-1)
 
     def encode_text_features(self, texts: Sequence[str]) -> TextFeatures:
