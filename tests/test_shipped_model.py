@@ -59,7 +59,7 @@ def test_the_shipped_model_is_the_registry_production_and_verifies(shipped):
     assert manifest.version == shipped_version()
     assert ":trained:" in manifest.frame_encoder
     assert manifest.metrics["test.rerank@20.R@1"] > 0
-    assert manifest.training["run_config"]["model"]["preset"] == "synth-small"
+    assert manifest.training["run_config"]["model"]["preset"] == "synth-resnet"
 
 
 def test_most_held_out_captions_find_their_video_in_the_top_5(shipped, held_out):

@@ -46,7 +46,7 @@ def page_stack(ray_local, broker, tmp_path_factory):
     settings = base_settings(bootstrap=broker.bootstrap, store_path=root / "store", video_root=root / "synth",
                              registry=root / "registry", alias="videos", grpc_port=free_port())
     settings = web_settings(settings.model_copy(update={"model": settings.model.model_copy(
-        update={"preset": "synth-small", "use_shipped": True})}))
+        update={"preset": "synth-resnet", "use_shipped": True})}))
     shipped = install_shipped_model(settings)
     assert shipped is not None, "no shipped model in deploy/models"
     _, version = ingest_through_broker(settings, [
