@@ -171,8 +171,7 @@ def event_phrases(bank: CaptionBank, index: np.ndarray, times: torch.Tensor, mas
     rows, texts, windows, keys = [], [], [], []
     for row, video in enumerate(index):
         for data in bank.events[video]:
-            window = (times[row] >= float(data["start_s"]) - 1e-6) & (times[row] < float(data["end_s"]) - 1e-6)
-            window &= mask[row]
+            window = event_window(times[row], data) & mask[row]
             if not bool(window.any()):
                 continue
             event = Event.from_dict(data)
@@ -246,6 +245,11 @@ def _batch_view(features: FrozenFeatures, plan_seed: int, stage: str, step: int,
     return frames[index], mask[index], times[index]
 
 
+def event_window(times: torch.Tensor, event: dict) -> torch.Tensor:
+    """Which of the sampled frames (``times[T]``, seconds) lie in the event's [start_s, end_s)."""
+    return (times >= float(event["start_s"]) - 1e-6) & (times < float(event["end_s"]) - 1e-6)
+
+
 def _event_targets(bank: CaptionBank, index: np.ndarray, times: torch.Tensor, rng: np.random.Generator):
     """One event phrase per video that has events, and which sampled frames fall in its window."""
     rows, phrases, inside = [], [], []
@@ -254,7 +258,7 @@ def _event_targets(bank: CaptionBank, index: np.ndarray, times: torch.Tensor, rn
         if not events:
             continue
         event = events[int(rng.integers(len(events)))]
-        window = (times[row] >= float(event["start_s"]) - 1e-6) & (times[row] < float(event["end_s"]) - 1e-6)
+        window = event_window(times[row], event)
         rows.append(row)
         phrases.append(str(event["phrase"]))
         inside.append(window)
