@@ -256,6 +256,22 @@ def test_a_killed_run_resumes_from_its_checkpoint(resumed):
     assert ":trained:" in result.frame_encoder
 
 
+def test_the_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, resumed, settings):
+    """Training is a pure function of (config, data, seed): a fresh run of the same config
+    in a new run directory, never killed and with other val checks, ends with exactly the
+    killed-and-resumed run's weights. This is what lets the README's command reproduce
+    the shipped model."""
+    config = base_config(tmp_path / "run", Path(resumed.result.config.data.path), name="uninterrupted",
+                         checkpoint_every=1000, eval_every=1000, stages=SHORT_STAGES)
+    fresh = run_training(parse_run_config(config), settings, progress=False)
+    ours = load_file(str(fresh.run_dir / "final" / "model.safetensors"))
+    theirs = load_file(str(resumed.result.run_dir / "final" / "model.safetensors"))
+    assert set(ours) == set(theirs)
+    differ = [name for name in ours if not ours[name].equal(theirs[name])]
+    assert not differ, f"{len(differ)} of {len(ours)} tensors differ, e.g. {differ[:3]}"
+    assert fresh.metrics == resumed.result.metrics
+
+
 # ---------------------------------------------------------------- two workers, against production
 @dataclass
 class SecondRun:
