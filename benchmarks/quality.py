@@ -65,16 +65,25 @@ def heldout_caption(events: list[dict], variant: int) -> str:
     return text[0].upper() + text[1:]
 
 
-def write_perturbed(out: Path, n: int, seed: int) -> Path:
-    """A test set unlike the training data: 96 px, 12 fps, noise, other shades; new captions."""
-    from vidsearch.synth import MANIFEST_NAME, VIDEOS_DIR, _records, assign_splits, render_video
+PERTURBATIONS = ("size", "fps", "background", "shades", "noise", "captions")
+
+
+def write_perturbed(out: Path, n: int, seed: int, factors: tuple[str, ...] = PERTURBATIONS) -> Path:
+    """A test set unlike the training data: 96 px, 12 fps, brighter backgrounds, other
+    shades, noise and new caption templates (``factors`` picks which of those apply;
+    the random draws are the same whichever apply, so sets differ only in those)."""
+    from vidsearch.synth import MANIFEST_NAME, VIDEOS_DIR, _records, render_video
     from vidsearch.synth_scenes import plan_dataset
     from vidsearch.video_writer import write_video
 
+    unknown = set(factors) - set(PERTURBATIONS)
+    if unknown:
+        raise ValueError(f"unknown perturbations {sorted(unknown)}; known: {', '.join(PERTURBATIONS)}")
     manifest = out / MANIFEST_NAME
     if manifest.is_file():
         return manifest
-    size, fps, seconds = 96, 12.0, 3.0
+    size = 96 if "size" in factors else 64
+    fps, seconds = (12.0 if "fps" in factors else 8.0), 3.0
     specs = plan_dataset(n, seed, int(fps * seconds))
     records = _records(specs, seed, ["test"] * len(specs), fps, size)
     rng = np.random.default_rng(seed)
@@ -82,11 +91,18 @@ def write_perturbed(out: Path, n: int, seed: int) -> Path:
     for spec, record in zip(specs, records):
         frames = render_video(spec, size).astype(np.float32)
         background = frames == float(spec.background)
-        frames[background] += rng.uniform(20, 45)  # brighter backgrounds than training's 16..72 grey
-        frames *= rng.uniform(0.88, 1.12, size=(1, 1, 1, 3))  # shades of each colour
-        frames += rng.normal(0, 6.0, size=frames.shape)  # sensor noise
+        lift = rng.uniform(20, 45)  # brighter backgrounds than training's 16..72 grey
+        shades = rng.uniform(0.88, 1.12, size=(1, 1, 1, 3))  # shades of each colour
+        noise = rng.normal(0, 6.0, size=frames.shape)  # sensor noise
+        if "background" in factors:
+            frames[background] += lift
+        if "shades" in factors:
+            frames *= shades
+        if "noise" in factors:
+            frames += noise
         write_video(out / record.path, frames.clip(0, 255).astype(np.uint8), fps=fps)
-        record.captions = [heldout_caption(record.events, v) for v in range(3)]
+        if "captions" in factors:
+            record.captions = [heldout_caption(record.events, v) for v in range(3)]
     with manifest.open("w") as handle:
         for record in records:
             handle.write(json.dumps(record.to_json()) + "\n")
