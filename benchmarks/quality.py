@@ -195,7 +195,13 @@ def latency_ms(fn, repeats: int) -> float:
 
 
 def measure_latency(model, data, k_values, repeats: int) -> dict[str, float]:
-    """Per-query time of each way to answer one query over this corpus (in-process)."""
+    """Per-query time of each way to answer one query over this corpus (in-process).
+
+    Re-ranking does what the service does: the ingress encodes the query once (its
+    sentence vector recalls, its token features go to the reranker with the
+    candidates' stored frames and video vectors) and the reranker scores them.
+    """
+    from vidsearch.services.reranker.scoring import RerankRequest, score_requests
     from vidsearch.services.trainer.evaluate import teacher_matrix
 
     query = data.bank.captions[0][0]
@@ -209,8 +215,11 @@ def measure_latency(model, data, k_values, repeats: int) -> dict[str, float]:
         out["teacher"] = latency_ms(lambda: teacher_matrix(model, data, [query]), max(1, repeats // 10))
         for k in k_values:
             def rerank(k: int = k) -> None:
-                top = recall().topk(min(k, video.shape[0])).indices
-                model.score_query(query, data.frames[top], data.mask[top])
+                [(tokens, vector)] = model.encode_text_features([query]).rows()
+                top = (torch.from_numpy(vector) @ video.T).topk(min(k, video.shape[0])).indices
+                score_requests(model, [RerankRequest(query, data.frames[top].numpy(), data.mask[top].numpy(), "live",
+                                                     text_tokens=tokens, text_vector=vector,
+                                                     video=video[top].numpy())])
             out[f"rerank@{k}"] = latency_ms(rerank, repeats)
     return out
 

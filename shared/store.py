@@ -138,13 +138,23 @@ def _frames_of(vector: Any) -> np.ndarray | None:
     return None if frames is None else np.asarray(frames, dtype=np.float32)
 
 
+def _video_of(vector: Any) -> np.ndarray | None:
+    video = vector.get(VIDEO_VECTOR) if isinstance(vector, dict) else None
+    return None if video is None else np.asarray(video, dtype=np.float32)
+
+
+def _hit(point: Any, video_id: str, with_frames: bool) -> Hit:
+    return Hit(video_id=(point.payload or {}).get("video_id", video_id), score=float(point.score),
+               payload=point.payload or {}, frames=_frames_of(point.vector) if with_frames else None,
+               video=_video_of(point.vector) if with_frames else None)
+
+
 def _stored(record: Any, with_vectors: bool) -> StoredVideo:
     payload = record.payload or {}
-    video = record.vector.get(VIDEO_VECTOR) if with_vectors and isinstance(record.vector, dict) else None
     return StoredVideo(
         video_id=payload.get("video_id", str(record.id)),
         payload=payload,
-        video_vector=None if video is None else np.asarray(video, dtype=np.float32),
+        video_vector=_video_of(record.vector) if with_vectors else None,
         frames=_frames_of(record.vector) if with_vectors else None,
     )
 
@@ -372,11 +382,9 @@ class QdrantStore:
         with _translated(collection):
             response = self.client.query_points(
                 collection, query=query.tolist(), using=VIDEO_VECTOR, limit=limit, query_filter=query_filter,
-                with_payload=True, with_vectors=[FRAMES_VECTOR] if with_frames else False)
+                with_payload=True, with_vectors=[FRAMES_VECTOR, VIDEO_VECTOR] if with_frames else False)
         self._stats["queries"] += 1
-        return [Hit(video_id=(p.payload or {}).get("video_id", str(p.id)), score=float(p.score),
-                    payload=p.payload or {}, frames=_frames_of(p.vector) if with_frames else None)
-                for p in response.points]
+        return [_hit(p, str(p.id), with_frames) for p in response.points]
 
     def query_groups(self, collection: str, vector: Any, limit: int, group_size: int,
                      filters: Sequence[FilterSpec] | None = None, with_frames: bool = False) -> list[list[Hit]]:
@@ -394,11 +402,9 @@ class QdrantStore:
             response = self.client.query_points_groups(
                 collection, group_by="video_id", query=query.tolist(), using=VIDEO_VECTOR, limit=limit,
                 group_size=group_size, query_filter=query_filter, with_payload=True,
-                with_vectors=[FRAMES_VECTOR] if with_frames else False)
+                with_vectors=[FRAMES_VECTOR, VIDEO_VECTOR] if with_frames else False)
         self._stats["queries"] += 1
-        return [[Hit(video_id=(p.payload or {}).get("video_id", str(group.id)), score=float(p.score),
-                     payload=p.payload or {}, frames=_frames_of(p.vector) if with_frames else None)
-                 for p in group.hits] for group in response.groups if group.hits]
+        return [[_hit(p, str(group.id), with_frames) for p in group.hits] for group in response.groups if group.hits]
 
     def count(self, collection: str) -> int:
         with _translated(collection):

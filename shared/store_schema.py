@@ -262,12 +262,15 @@ class StoredVideo:
 
 @dataclass
 class Hit:
-    """One recall result. ``frames`` is set when the query asked for them."""
+    """One recall result. ``frames`` and ``video`` (the stored vectors) are set when the
+    query asked for frames: the reranker's cross-encoder builds on the head's ``video``
+    vector, and reading it back saves recomputing it."""
 
     video_id: str
     score: float
     payload: dict[str, Any]
     frames: np.ndarray | None = None
+    video: np.ndarray | None = None
 
 
 # --------------------------------------------------------------------------- filters

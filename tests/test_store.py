@@ -277,7 +277,12 @@ def test_upsert_get_query_delete(store, collection):
     assert hits[0].video_id == "vid-5" and hits[0].score == pytest.approx(1.0, abs=1e-5)
     assert len(hits) == 3 and hits[0].score >= hits[1].score >= hits[2].score
     assert hits[0].frames.shape == (T, FRAME_DIM)
-    assert store.query(collection, points[5].video_vector, limit=2)[0].frames is None
+    # The stored video vector comes back too (the reranker builds on it); cosine
+    # collections keep it unit-length.
+    stored = np.asarray(points[5].video_vector, dtype=np.float32)
+    np.testing.assert_allclose(hits[0].video, stored / np.linalg.norm(stored), atol=1e-5)
+    plain_hit = store.query(collection, points[5].video_vector, limit=2)[0]
+    assert plain_hit.frames is None and plain_hit.video is None
 
     assert store.delete(collection, ["vid-5", "vid-6"]) == 2
     assert store.count(collection) == len(points) - 2

@@ -59,20 +59,24 @@ def text_side(model: VideoTextModel) -> VideoTextModel:
     return model
 
 
-def encode_grouped(items: list[tuple[str, LiveIndex]]) -> list[np.ndarray]:
+def encode_grouped(items: list[tuple[str, LiveIndex]]) -> list[tuple[np.ndarray, np.ndarray]]:
     """Encode queries that may belong to different live versions: one forward pass
-    per model, each query with the model its request captured."""
+    per model, each query with the model its request captured.
+
+    Per query: (token features[L,D], sentence vector[D]). The vector is the recall
+    query; both go to the reranker, which then needs no text pass of its own.
+    """
     groups: dict[int, list[int]] = defaultdict(list)
     for i, (_, live) in enumerate(items):
         groups[id(live.model)].append(i)
-    vectors: list[np.ndarray | None] = [None] * len(items)
+    encoded: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(items)
     with torch.inference_mode():
         for indices in groups.values():
             model = items[indices[0]][1].model
-            encoded = model.encode_text([items[i][0] for i in indices]).cpu().numpy()
-            for row, i in enumerate(indices):
-                vectors[i] = encoded[row].astype(np.float32)
-    return vectors  # type: ignore[return-value]
+            rows = model.encode_text_features([items[i][0] for i in indices]).rows()
+            for row, i in zip(rows, indices):
+                encoded[i] = row
+    return encoded  # type: ignore[return-value]
 
 
 @serve.deployment(name=DEPLOYMENT_NAME, max_ongoing_requests=128)
@@ -149,8 +153,8 @@ class SearchIngress:
         live = await self._capture_live()
         for attempt in range(2):
             t_encode = time.perf_counter()
-            vector = await asyncio.wait_for(self._encode_batch((params.query, live)),
-                                            timeout=max(deadline - t_encode, 0.0))
+            tokens, vector = await asyncio.wait_for(self._encode_batch((params.query, live)),
+                                                    timeout=max(deadline - t_encode, 0.0))
             t_recall = time.perf_counter()
             try:
                 # One group per video (Qdrant group-by on video_id), each with its best
@@ -175,7 +179,7 @@ class SearchIngress:
         rerank: RerankResult | None = None
         if params.rerank and candidates.hits:
             budget = (deadline - t_rerank) * self._settings.serve.rerank_deadline_fraction
-            rerank = await self._call_reranker(params.query, candidates, live.version, budget)
+            rerank = await self._call_reranker(params.query, (tokens, vector), candidates, live.version, budget)
         t_done = time.perf_counter()
 
         results = build_results(
@@ -196,13 +200,13 @@ class SearchIngress:
                                   rerank_ms=_ms(t_rerank, t_done), total_ms=_ms(started, time.perf_counter())))
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def _encode_batch(self, items: list[tuple[str, LiveIndex]]) -> list[np.ndarray]:
+    async def _encode_batch(self, items: list[tuple[str, LiveIndex]]) -> list[tuple[np.ndarray, np.ndarray]]:
         self._text_batches[len(items)] += 1
         # In a worker thread: the event loop keeps admitting requests (the next batch).
         return await asyncio.to_thread(encode_grouped, items)
 
-    async def _call_reranker(self, text: str, candidates: Candidates, version: str,
-                             budget_s: float) -> RerankResult | None:
+    async def _call_reranker(self, text: str, encoded: tuple[np.ndarray, np.ndarray], candidates: Candidates,
+                             version: str, budget_s: float) -> RerankResult | None:
         """Cross-encoder scores, or None when the reranker is down, failing or late:
         the caller then answers with the recall ranking (reranked=false)."""
         if budget_s <= 0:
@@ -210,7 +214,8 @@ class SearchIngress:
         response = None
         try:
             response = self._reranker_handle().score.remote(
-                RerankRequest(text=text, frames=candidates.frames, mask=candidates.mask, model_version=version))
+                RerankRequest(text=text, frames=candidates.frames, mask=candidates.mask, model_version=version,
+                              text_tokens=encoded[0], text_vector=encoded[1], video=candidates.video))
             result: RerankResult = await asyncio.wait_for(response, timeout=budget_s)
         except Exception as exc:  # noqa: BLE001 - any reranker problem degrades, never fails
             if response is not None and isinstance(exc, asyncio.TimeoutError):

@@ -25,6 +25,7 @@ class Candidates:
     frames: np.ndarray  # float32[K, T, D]
     mask: np.ndarray  # bool[K, T]
     groups: list[int] | None = None
+    video: np.ndarray | None = None  # float32[K, D]: stored video vectors, when every row has one
 
     def video_rows(self) -> list[list[int]]:
         """Per video, in recall order: its rows."""
@@ -124,4 +125,6 @@ def pad_hits(hits: Sequence[Hit]) -> Candidates:
     if missing:
         raise ValueError(f"stored point {missing[0]!r} has no frame embeddings")
     frames, mask = pad_frames([np.asarray(h.frames, dtype=np.float32) for h in hits])
-    return Candidates(hits=hits, frames=frames, mask=mask)
+    video = (np.stack([np.asarray(h.video, dtype=np.float32) for h in hits])
+             if all(h.video is not None for h in hits) else None)
+    return Candidates(hits=hits, frames=frames, mask=mask, video=video)

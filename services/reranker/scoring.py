@@ -16,12 +16,20 @@ from vidsearch.models import VideoTextModel
 @dataclass
 class RerankRequest:
     """One query and its recalled candidates' stored frames: one row per segment (the
-    best ``serve.rerank_segments`` of each recalled video), scored independently."""
+    best ``serve.rerank_segments`` of each recalled video), scored independently.
+
+    The optional fields carry work the ingress has already done with the same version,
+    so the reranker does not redo it: the query's token features (from the encode that
+    gave the recall vector) and the candidates' stored ``video`` vectors.
+    """
 
     text: str
     frames: np.ndarray  # float32[K, T, D]: padded per-frame embeddings of K candidates
     mask: np.ndarray  # bool[K, T]: True on real frames
     model_version: str  # the version that built the searched index; scores must use it
+    text_tokens: np.ndarray | None = None  # float32[L, D]: the query's real token features
+    text_vector: np.ndarray | None = None  # float32[D]: its sentence feature (the recall vector)
+    video: np.ndarray | None = None  # float32[K, D]: the candidates' stored video vectors
 
     def __post_init__(self) -> None:
         self.frames = np.asarray(self.frames, dtype=np.float32)
@@ -34,6 +42,23 @@ class RerankRequest:
             raise ValueError("mask: every candidate needs at least one real frame")
         if not isinstance(self.text, str) or not self.text.strip():
             raise ValueError("text: must be a non-empty string")
+        count, width = self.frames.shape[0], self.frames.shape[2]
+        if (self.text_tokens is None) != (self.text_vector is None):
+            raise ValueError("text_tokens and text_vector: give both or neither")
+        if self.text_tokens is not None:
+            self.text_tokens = np.asarray(self.text_tokens, dtype=np.float32)
+            self.text_vector = np.asarray(self.text_vector, dtype=np.float32)
+            if self.text_tokens.ndim != 2 or self.text_tokens.shape[0] == 0 or self.text_tokens.shape[1] != width:
+                raise ValueError(f"text_tokens: expected a non-empty [L, {width}] array, got shape {self.text_tokens.shape}")
+            if self.text_vector.shape != (width,):
+                raise ValueError(f"text_vector: expected shape ({width},), got {self.text_vector.shape}")
+        if self.video is not None:
+            self.video = np.asarray(self.video, dtype=np.float32)
+            if self.video.shape != (count, width):
+                raise ValueError(f"video: expected shape ({count}, {width}), got {self.video.shape}")
+
+    def text_row(self) -> tuple[np.ndarray, np.ndarray] | None:
+        return None if self.text_tokens is None else (self.text_tokens, self.text_vector)
 
 
 @dataclass
@@ -70,9 +95,10 @@ def score_requests(model: VideoTextModel, requests: list[RerankRequest]) -> list
     """Score several queries' candidates in one forward pass of the slow scorer.
 
     The scorer takes aligned (text, video) pairs, so requests are flattened into
-    pairs: the texts are encoded once for the whole batch and each request's text
-    features are repeated for its candidates. Frames are padded to the longest T in
-    the batch and every result is cut back to its request's own T.
+    pairs: the texts the ingress did not send encoded are encoded once for the whole
+    batch, and each request's text features are repeated for its candidates. Frames
+    are padded to the longest T in the batch and every result is cut back to its
+    request's own T. The stored video vectors are used when every request has them.
     """
     counts = [r.frames.shape[0] for r in requests]
     longest = max(r.frames.shape[1] for r in requests)
@@ -85,12 +111,14 @@ def score_requests(model: VideoTextModel, requests: list[RerankRequest]) -> list
         frames[start:start + k, :t] = r.frames
         mask[start:start + k, :t] = r.mask
         start += k
+    video = (np.concatenate([r.video for r in requests]) if all(r.video is not None for r in requests)
+             else None)
     with torch.inference_mode():
-        text = model.encode_text_features([r.text for r in requests])
+        text = model.text_features_of([r.text for r in requests], [r.text_row() for r in requests])
         index = torch.repeat_interleave(torch.arange(len(requests), device=model.device),
                                         torch.tensor(counts, device=model.device))
         scores, relevance = model.score_pairs(text.select(index), torch.from_numpy(frames),
-                                              torch.from_numpy(mask))
+                                              torch.from_numpy(mask), video=video)
     scores_np = scores.cpu().numpy().astype(np.float32)
     relevance_np = relevance.cpu().numpy().astype(np.float32)
     results, start = [], 0

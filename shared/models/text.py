@@ -8,7 +8,9 @@ projection) and keeps every position up to the pooled token.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,6 +31,28 @@ class TextFeatures:
 
     def select(self, index: torch.Tensor) -> "TextFeatures":
         return TextFeatures(self.tokens[index], self.mask[index], self.sentence[index])
+
+    def rows(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per text, (tokens[L_i,D], sentence[D]) as float32 arrays: its real tokens only,
+        the form in which one service hands its encoded query to another."""
+        tokens, sentence = self.tokens.float().cpu().numpy(), self.sentence.float().cpu().numpy()
+        lengths = self.mask.sum(dim=1).tolist()
+        return [(tokens[i, :n].copy(), sentence[i].copy()) for i, n in enumerate(lengths)]
+
+    @staticmethod
+    def from_rows(rows: Sequence[tuple[np.ndarray, np.ndarray]], device: torch.device | str = "cpu") -> "TextFeatures":
+        """The inverse of ``rows``: pads the tokens to the longest text and marks them."""
+        if not rows:
+            raise ValueError("text features: need at least one text")
+        width = rows[0][1].shape[-1]
+        longest = max(t.shape[0] for t, _ in rows)
+        tokens = torch.zeros((len(rows), longest, width), dtype=torch.float32)
+        mask = torch.zeros((len(rows), longest), dtype=torch.bool)
+        for i, (t, _) in enumerate(rows):
+            tokens[i, :t.shape[0]] = torch.from_numpy(np.asarray(t, dtype=np.float32))
+            mask[i, :t.shape[0]] = True
+        sentence = torch.from_numpy(np.stack([np.asarray(s, dtype=np.float32) for _, s in rows]))
+        return TextFeatures(tokens.to(device), mask.to(device), sentence.to(device))
 
 
 def _tower(clip: nn.Module) -> nn.Module:

@@ -106,26 +106,56 @@ class VideoTextModel(nn.Module):
         return TextFeatures(tokens=F.normalize(feats.tokens.float(), dim=-1) * feats.mask[..., None],
                             mask=feats.mask, sentence=F.normalize(feats.sentence.float(), dim=-1))
 
+    def text_features_of(self, texts: Sequence[str],
+                         encoded: Sequence[tuple[np.ndarray, np.ndarray] | None]) -> TextFeatures:
+        """Token features for ``texts``, taking ``encoded[i]`` (``TextFeatures.rows()``
+        form, from this version) where given and encoding only the others."""
+        if len(encoded) != len(texts):
+            raise ValueError(f"text features: {len(encoded)} encodings for {len(texts)} texts")
+        missing = [i for i, row in enumerate(encoded) if row is None]
+        if len(missing) == len(texts):
+            return self.encode_text_features(texts)
+        rows = list(encoded)
+        for i, row in zip(missing, self.encode_text_features([texts[i] for i in missing]).rows() if missing else []):
+            rows[i] = row
+        widths = {w for tokens, sentence in rows for w in (tokens.shape[-1], sentence.shape[-1])}
+        if widths != {self.embed_dim}:
+            raise ValueError(f"text features: widths {sorted(widths)} != model embed_dim {self.embed_dim}")
+        return TextFeatures.from_rows(rows, self.device)
+
     def _text(self, texts: TextInput) -> TextFeatures:
         return texts if isinstance(texts, TextFeatures) else self.encode_text_features(texts)
 
     # ---- slow scoring -------------------------------------------------------------
-    def score_pairs(self, texts: TextInput, frames: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Aligned pairs: text b with video b -> (scores[B], frame_relevance[B,T])."""
+    def score_pairs(self, texts: TextInput, frames: torch.Tensor, mask: torch.Tensor,
+                    video: torch.Tensor | np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Aligned pairs: text b with video b -> (scores[B], frame_relevance[B,T]).
+
+        ``video``[B,D]: the head's embeddings of these videos when the caller has them
+        (the index stores them), so a scorer built on them does not recompute them; they
+        must come from this version's head.
+        """
         text = self._text(texts)
         frames, mask = self._frames(frames, mask)
         if len(text) != frames.shape[0]:
             raise ValueError(f"score_pairs: {len(text)} texts for {frames.shape[0]} videos")
-        video = self._base_video(frames, mask)
+        video = self._base_video(frames, mask, video)
         with autocast(self.device):
             scores, relevance = self.scorer(text, frames, mask, **({} if video is None else {"video": video}))
         return scores.float(), relevance.float()
 
-    def _base_video(self, frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
-        """The head's video embeddings when the scorer is a residual on them (scorer.base=head)."""
+    def _base_video(self, frames: torch.Tensor, mask: torch.Tensor,
+                    stored: torch.Tensor | np.ndarray | None = None) -> torch.Tensor | None:
+        """The head's video embeddings when the scorer is a residual on them (scorer.base=head):
+        ``stored`` when given, else computed from the frames."""
         if self.config.scorer.kind != "cross" or self.config.scorer.base != "head":
             return None
-        return self.aggregate(frames, mask)
+        if stored is None:
+            return self.aggregate(frames, mask)
+        stored = torch.as_tensor(stored, device=self.device).float()
+        if stored.shape != (frames.shape[0], self.embed_dim):
+            raise ValueError(f"video: expected shape {(frames.shape[0], self.embed_dim)}, got {tuple(stored.shape)}")
+        return F.normalize(stored, dim=-1)
 
     def score_query(self, text: str, frames: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One query against K candidate videos -> (scores[K], frame_relevance[K,T])."""
