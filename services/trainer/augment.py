@@ -44,6 +44,23 @@ def _random_crop(x: torch.Tensor, scale: tuple[float, float], gen: torch.Generat
     return F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
+_BACKGROUND_TOLERANCE = 0.06  # decoded flat areas vary by a few levels around their colour
+
+
+def _shift_background(x: torch.Tensor, max_shift: float, gen: torch.Generator) -> torch.Tensor:
+    """Shift the tone of the pixels near a video's dominant colour, x[T,3,S,S] in 0..1.
+
+    The dominant colour is the per-channel median of the first frame (the backdrop
+    when it fills most of the view). A global brightness shift moves the backdrop and
+    the objects together; lighting that changes only the backdrop changes their
+    contrast, which the model must not read as a different colour.
+    """
+    backdrop = x[0].reshape(3, -1).median(dim=1).values.view(1, 3, 1, 1)
+    near = (x - backdrop).abs().amax(dim=1, keepdim=True) < _BACKGROUND_TOLERANCE
+    shift = (torch.rand(1, generator=gen) * 2 - 1) * max_shift
+    return torch.where(near, x + shift, x)
+
+
 def make_pixels(frames: np.ndarray, mask: np.ndarray, num_frames: int, mean: Sequence[float], std: Sequence[float],
                 config: AugmentSection | None, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
     """uint8 frames[B,F,S,S,3] + mask[B,F] -> (pixels[B,T,3,S,S] normalised, mask[B,T], picked indices).
@@ -63,6 +80,8 @@ def make_pixels(frames: np.ndarray, mask: np.ndarray, num_frames: int, mean: Seq
         x = torch.from_numpy(np.ascontiguousarray(frames[b, index])).permute(0, 3, 1, 2).float() / 255.0
         if augment:
             x = _random_crop(x, config.crop_scale, gen)
+            if config.background_shift > 0:
+                x = _shift_background(x, config.background_shift, gen)
             shift = (torch.rand(1, generator=gen) * 2 - 1) * config.brightness
             gain = 1 + (torch.rand(1, 3, 1, 1, generator=gen) * 2 - 1) * config.channel_jitter
             x = x * gain + shift

@@ -44,6 +44,7 @@ class AugmentSection(_Section):
     crop_scale: tuple[float, float] = Field((0.8, 1.0), description="random resized crop area range")
     brightness: float = Field(0.08, ge=0, le=0.5, description="max brightness shift (keeps a colour's name)")
     channel_jitter: float = Field(0.04, ge=0, le=0.3, description="max per-channel gain change")
+    background_shift: float = Field(0.0, ge=0, le=0.5, description="max tone shift of the pixels near a video's dominant colour")
     noise_std: float = Field(0.03, ge=0, le=0.5, description="gaussian pixel noise (0..1 scale)")
     temporal_jitter: bool = Field(True, description="sample frames near, not at, the uniform positions")
     views: int = Field(3, ge=1, le=16, description="augmented frame-feature views cached per train video after the backbone")
