@@ -187,11 +187,15 @@ def train_seqtransf_head(model, train_set, steps: int, seed: int):
 
 
 def latency_ms(fn, repeats: int) -> float:
+    """Median time of one call, after a warm-up call (the median, so one stall on a shared
+    VM does not move a ratio)."""
     fn()
-    started = time.perf_counter()
+    times = []
     for _ in range(repeats):
+        started = time.perf_counter()
         fn()
-    return 1000.0 * (time.perf_counter() - started) / repeats
+        times.append(time.perf_counter() - started)
+    return 1000.0 * float(np.median(times))
 
 
 def measure_latency(model, data, k_values, repeats: int) -> dict[str, float]:
@@ -211,8 +215,10 @@ def measure_latency(model, data, k_values, repeats: int) -> dict[str, float]:
         def recall() -> torch.Tensor:
             return (model.encode_text([query]) @ video.T)[0]
 
-        out = {"student": latency_ms(recall, repeats)}
-        out["teacher"] = latency_ms(lambda: teacher_matrix(model, data, [query]), max(1, repeats // 10))
+        out = {"student": latency_ms(recall, repeats),
+               "text": latency_ms(lambda: model.encode_text_features([query]), repeats)}
+        out["teacher"] = latency_ms(lambda: teacher_matrix(model, data, [query]), max(3, repeats // 10))
+        out["videos"] = float(video.shape[0])
         for k in k_values:
             def rerank(k: int = k) -> None:
                 [(tokens, vector)] = model.encode_text_features([query]).rows()
@@ -222,6 +228,15 @@ def measure_latency(model, data, k_values, repeats: int) -> dict[str, float]:
                                                      video=video[top].numpy())])
             out[f"rerank@{k}"] = latency_ms(rerank, repeats)
     return out
+
+
+def rerank_bound(latency: dict[str, float], k: int = 20) -> float:
+    """The most re-ranking at K can save over the teacher on ``videos``, given the measured
+    times: both pay the query's text encode once, then the teacher scores every video
+    and re-ranking only K (recall taken as free).
+    """
+    per_pair = max(latency["teacher"] - latency["text"], 0.0) / latency["videos"]
+    return latency["teacher"] / max(latency["text"] + k * per_pair, 1e-9)
 
 
 def latency_by_corpus_size(model, data, sizes: list[int], repeats: int) -> dict[int, dict[str, float]]:
@@ -333,6 +348,7 @@ def main() -> int:
             key = ("teacher" if label.startswith("teacher") else
                    f"rerank@{label.rsplit('@', 1)[1]}" if "rerank@" in label else "student")
             rows[label]["latency_ms"] = latency[key]
+        rows["latency"] = latency
         rows["moments"] = moment_accuracy(model, data)
         rows["twins"] = swap_breakdowns(model, data, beta)
         if set_name == "test":
@@ -362,11 +378,12 @@ def write_long(out_dir: Path, args: argparse.Namespace) -> None:
     text = markdown.read_text() if markdown.is_file() else "# Retrieval quality\n"
     markdown.write_text(splice_section(text, section))
     stored = json.loads(data.read_text()) if data.is_file() else {}
-    data.write_text(json.dumps({**stored, "long": long}, indent=2))
+    data.write_text(json.dumps({**stored, "long": {**long, "command": command_line()}}, indent=2))
     print("\n".join(section))
 
 
-def _verdicts(results: dict, scaling: dict[int, dict[str, float]]) -> list[tuple[str, str, bool]]:
+def _verdicts(results: dict, scaling: dict[int, dict[str, float]],
+              test_latency: dict[str, float]) -> list[tuple[str, str, bool]]:
     test, pert = results["test"], results["perturbed"]
     lift = test["student (distilled)"]["R@1"] - test["student (non-distilled)"]["R@1"]
     keep = test["student + rerank@20"]["R@1"] / max(test["teacher (all videos)"]["R@1"], 1e-9)
@@ -383,7 +400,8 @@ def _verdicts(results: dict, scaling: dict[int, dict[str, float]]) -> list[tuple
         ("Distillation lifts the student (R@1 distilled − non-distilled ≥ 2)", f"{lift:+.1f} points", lift >= TARGETS["distill_lift"]),
         ("Re-ranking keeps ≥ 95% of the teacher's R@1 at K=20", f"{100 * keep:.1f}%", keep >= TARGETS["rerank_keep"]),
         ("… at ≥ 10× lower latency than the teacher over all videos (the test split's 300 videos)",
-         f"{speed:.1f}×", speed >= TARGETS["rerank_speedup"]),
+         f"{speed:.1f}×" + (f" (bound {rerank_bound(test_latency):.1f}×)"),
+         speed >= TARGETS["rerank_speedup"]),
         *([(f"… the same over {largest} videos (features repeated; latency only)", f"{speed_big:.1f}×",
             speed_big >= TARGETS["rerank_speedup"])] if largest is not None else []),
         ("Order: teacher right on reversed twins ≥ 90%", f"{order_t:.1f}%", order_t >= TARGETS["order"]),
@@ -392,6 +410,22 @@ def _verdicts(results: dict, scaling: dict[int, dict[str, float]]) -> list[tuple
         ("Shipped model: student + rerank@20 R@5 ≥ 95 on test", f"{best['R@5']:.1f}", best["R@5"] >= TARGETS["r5"]),
         ("Perturbed set: R@1 falls by ≤ 10 points", f"{drop:.1f} points", drop <= TARGETS["perturbed_drop"]),
     ]
+
+
+LONG_COMMAND = "python benchmarks/quality.py --long"
+
+
+def _kept_long_section(out_dir: Path, version: str) -> dict | None:
+    """The stored long-video results, when they were measured on this same model version.
+
+    A run without ``--long`` rewrites the short-video tables only; the long section of
+    an earlier ``--long`` run stays, unless it describes another model.
+    """
+    path = out_dir / "quality.json"
+    if not path.is_file():
+        return None
+    long = json.loads(path.read_text()).get("long")
+    return long if isinstance(long, dict) and long.get("version") == version else None
 
 
 def write_results(out_dir: Path, manifest, results: dict, args: argparse.Namespace) -> None:
@@ -403,6 +437,7 @@ def write_results(out_dir: Path, manifest, results: dict, args: argparse.Namespa
     moments = {name: results[name].pop("moments") for name in results}
     twins = {name: results[name].pop("twins") for name in results}
     scaling = results["test"].pop("scaling", {})
+    latency = {name: results[name].pop("latency") for name in results}
     labels = list(results["test"])
     fig, ax = plt.subplots(figsize=(9, 3.6))
     x = np.arange(len(labels))
@@ -449,21 +484,34 @@ def write_results(out_dir: Path, manifest, results: dict, args: argparse.Namespa
         lines += ["## Latency and corpus size", "",
                   "Per query, in-process; corpora made by repeating the test split's frame features (latency "
                   "depends on the number of videos, not on what they show).", ""]
-        lines += md_table(["videos", "student recall (ms)", "recall + rerank@20 (ms)", "teacher over all (ms)",
-                           "teacher / rerank@20"],
-                          [[str(n), f"{v['student']:.1f}", f"{v['rerank@20']:.1f}", f"{v['teacher']:.1f}",
-                            f"{v['teacher'] / max(v['rerank@20'], 1e-9):.1f}×"] for n, v in sorted(scaling.items())])
-        lines += [""]
+        lines += md_table(["videos", "query text encode (ms)", "student recall (ms)", "recall + rerank@20 (ms)",
+                           "teacher over all (ms)", "teacher / rerank@20", "bound"],
+                          [[str(n), f"{v['text']:.1f}", f"{v['student']:.1f}", f"{v['rerank@20']:.1f}",
+                            f"{v['teacher']:.1f}", f"{v['teacher'] / max(v['rerank@20'], 1e-9):.1f}×",
+                            f"{rerank_bound(v):.1f}×"] for n, v in sorted(scaling.items())])
+        lines += ["", "`bound`: teacher / (text encode + 20 × the teacher's time per video), the speed-up re-ranking "
+                      "would reach if recall and the hand-off cost nothing. Both paths encode the query once, so "
+                      "over few videos that fixed cost caps the ratio below videos / 20. The bound and the ratio are "
+                      "timed separately (medians), so on a shared VM a ratio can land above its bound.", ""]
     lines += ["## Targets", ""]
     lines += md_table(["claim", "measured", "holds"],
-                      [[c, m, "yes" if ok else "**no**"] for c, m, ok in _verdicts(results, scaling)])
+                      [[c, m, "yes" if ok else "**no**"] for c, m, ok in _verdicts(results, scaling, latency["test"])])
     lines += ["", "![R@1](quality.png)", "",
               "twin_reversed / twin_swap: % of (caption, twin) pairs where the captioned video outscores its "
               "reversed-order / one-attribute-swapped twin. meanP sees the same frames in any order, so on "
               "reversed twins it can only tie or guess.", ""]
+    kept = _kept_long_section(out_dir, manifest.version)
     write_text(out_dir / "quality.md", lines)
-    (out_dir / "quality.json").write_text(json.dumps({"results": results, "moments": moments, "twins": twins,
-                                                      "latency_by_corpus_size": scaling}, indent=2))
+    data = {"results": results, "moments": moments, "twins": twins, "latency_by_corpus_size": scaling,
+            "latency": latency}
+    if kept is not None:
+        from quality_long import section_lines, splice_section
+
+        markdown = out_dir / "quality.md"
+        section = section_lines(kept, md_table, kept.get("command", LONG_COMMAND))
+        markdown.write_text(splice_section(markdown.read_text(), section))
+        data["long"] = kept
+    (out_dir / "quality.json").write_text(json.dumps(data, indent=2))
     print("\n".join(lines))
 
 
