@@ -367,19 +367,26 @@ def main() -> int:
 
 def write_long(out_dir: Path, args: argparse.Namespace) -> None:
     """Run the long-video part and splice its section into quality.md (and quality.json)."""
-    from quality_long import run_long, section_lines, splice_section
+    from quality_long import run_long
 
     from vidsearch.config import load_settings
 
-    long = run_long(args.registry, load_settings(), CACHE_DIR)
+    long = {**run_long(args.registry, load_settings(), CACHE_DIR), "command": command_line()}
     out_dir.mkdir(parents=True, exist_ok=True)
+    print("\n".join(_splice_long(out_dir, long)))
+
+
+def _splice_long(out_dir: Path, long: dict) -> list[str]:
+    """Put the long-video results into quality.md (its marked section) and quality.json."""
+    from quality_long import section_lines, splice_section
+
     markdown, data = out_dir / "quality.md", out_dir / "quality.json"
-    section = section_lines(long, md_table, command_line())
+    section = section_lines(long, md_table, long.get("command", LONG_COMMAND))
     text = markdown.read_text() if markdown.is_file() else "# Retrieval quality\n"
     markdown.write_text(splice_section(text, section))
     stored = json.loads(data.read_text()) if data.is_file() else {}
-    data.write_text(json.dumps({**stored, "long": {**long, "command": command_line()}}, indent=2))
-    print("\n".join(section))
+    data.write_text(json.dumps({**stored, "long": long}, indent=2))
+    return section
 
 
 def _verdicts(results: dict, scaling: dict[int, dict[str, float]],
@@ -400,7 +407,7 @@ def _verdicts(results: dict, scaling: dict[int, dict[str, float]],
         ("Distillation lifts the student (R@1 distilled − non-distilled ≥ 2)", f"{lift:+.1f} points", lift >= TARGETS["distill_lift"]),
         ("Re-ranking keeps ≥ 95% of the teacher's R@1 at K=20", f"{100 * keep:.1f}%", keep >= TARGETS["rerank_keep"]),
         ("… at ≥ 10× lower latency than the teacher over all videos (the test split's 300 videos)",
-         f"{speed:.1f}×" + (f" (bound {rerank_bound(test_latency):.1f}×)"),
+         f"{speed:.1f}× (bound {rerank_bound(test_latency):.1f}×)",
          speed >= TARGETS["rerank_speedup"]),
         *([(f"… the same over {largest} videos (features repeated; latency only)", f"{speed_big:.1f}×",
             speed_big >= TARGETS["rerank_speedup"])] if largest is not None else []),
@@ -502,16 +509,11 @@ def write_results(out_dir: Path, manifest, results: dict, args: argparse.Namespa
               "reversed twins it can only tie or guess.", ""]
     kept = _kept_long_section(out_dir, manifest.version)
     write_text(out_dir / "quality.md", lines)
-    data = {"results": results, "moments": moments, "twins": twins, "latency_by_corpus_size": scaling,
-            "latency": latency}
+    (out_dir / "quality.json").write_text(json.dumps({"results": results, "moments": moments, "twins": twins,
+                                                      "latency_by_corpus_size": scaling, "latency": latency},
+                                                     indent=2))
     if kept is not None:
-        from quality_long import section_lines, splice_section
-
-        markdown = out_dir / "quality.md"
-        section = section_lines(kept, md_table, kept.get("command", LONG_COMMAND))
-        markdown.write_text(splice_section(markdown.read_text(), section))
-        data["long"] = kept
-    (out_dir / "quality.json").write_text(json.dumps(data, indent=2))
+        _splice_long(out_dir, kept)
     print("\n".join(lines))
 
 
