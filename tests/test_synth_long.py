@@ -16,8 +16,8 @@ from vidsearch.synth_scenes import COLOURS, caption_key, clause, plan_dataset
 
 N, SECONDS, FPS, SIZE = 3, 60.0, 2.0, 64
 
-# A log record as vidsearch's handler formats it (not a line the CLI prints itself).
-LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR|CRITICAL) \S+: ")
+# A log record as vidsearch's handler formats it, level padded to 7 (not a line the CLI prints itself).
+LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR|CRITICAL) +\S+: ")
 
 
 
