@@ -117,8 +117,10 @@ class Stack:
         raise AssertionError(f"timed out waiting for {what}: {self.output()[-3000:]}")
 
     def stop(self) -> int:
+        """SIGTERM to the whole process group, as `timeout`, systemd and `kill -- -PGID` send it:
+        Ray's own processes get it too (before: exit 1 after Ray's 60 s GCS reconnect)."""
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            os.killpg(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(timeout=90)
             except subprocess.TimeoutExpired:
@@ -167,6 +169,8 @@ def stack(tmp_path_factory):
     finally:
         code = started.stop()
         assert code == 0, started.output()[-3000:]
+        assert "the local Ray was stopped from outside" in started.output(), started.output()[-3000:]
+        assert "Failed to connect to GCS" not in started.output()
         assert not started.state_file.exists(), "the state file outlived the stack"
 
 

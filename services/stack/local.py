@@ -109,6 +109,21 @@ def interrupted_by_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def local_ray_stopped_from_outside() -> bool:
+    """True when a process of the Ray this process started has died without ``ray.shutdown``.
+
+    ``timeout``, systemd and ``kill -- -PGID`` signal the whole process group, so Ray's own
+    processes (which block only SIGINT) stop at the same moment as the stack.
+    """
+    try:
+        import ray
+
+        node = ray._private.worker._global_node  # no public API says whether the local node lives
+        return node is not None and bool(node.dead_processes())
+    except Exception:  # noqa: BLE001 - when unsure, shut down the normal way
+        return False
+
+
 def run_in_foreground(check: Callable[[], None], interval_s: float = 1.0) -> None:
     """Call ``check`` every ``interval_s`` until Ctrl-C or SIGTERM (returns) or ``check`` raises."""
     with interrupted_by_sigterm():
@@ -210,6 +225,13 @@ class LocalStack:
                 self.worker.kill()
                 self.worker.wait()
         self.worker = None
+        ray_lost = self._ray_started and local_ray_stopped_from_outside()
+        if ray_lost:
+            # Serve's controller and the store's actor went with it: asking them to shut
+            # down would wait out Serve's 30 s timeout, then Ray's 60 s GCS reconnect.
+            log_event(log, "the local Ray was stopped from outside (a signal to the whole process group?); "
+                           "skipping the Serve and store shutdown", logging.WARNING)
+            self._serve_started = False
         if self._serve_started:
             from ray import serve
 
@@ -225,7 +247,7 @@ class LocalStack:
         if self._ray_started:
             import ray
 
-            if self.settings.store.url is None:
+            if self.settings.store.url is None and not ray_lost:
                 from vidsearch.store import shutdown_embedded_store
 
                 shutdown_embedded_store(self.settings)
