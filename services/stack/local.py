@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 # fills two, so on a small machine the Serve replicas would never be scheduled;
 # Ray's CPU count only gates scheduling, and idle replicas cost nothing.
 MIN_LOCAL_CPUS = 4
+# After a SIGTERM, how long stop waits to see whether Ray's processes got it too (they
+# exit within milliseconds; a SIGTERM to the stack alone pays this wait once).
+RAY_LOSS_GRACE_S = 3.0
+_sigterm_seen = False  # set by interrupted_by_sigterm's handler
 # Replica CPU shares on a local Ray: they mostly wait on requests.
 LOCAL_REPLICA_OPTIONS: dict[str, Any] = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}}
 WORKER_STOP_TIMEOUT_S = 30
@@ -100,6 +104,8 @@ def interrupted_by_sigterm() -> Iterator[None]:
     """Within it SIGTERM raises KeyboardInterrupt, so ``kill`` stops as cleanly as Ctrl-C."""
 
     def _raise(_signum: int, _frame: FrameType | None) -> None:
+        global _sigterm_seen
+        _sigterm_seen = True
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, _raise)
@@ -109,17 +115,26 @@ def interrupted_by_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def local_ray_stopped_from_outside() -> bool:
-    """True when a process of the Ray this process started has died without ``ray.shutdown``.
+def local_ray_stopped_from_outside(grace_s: float = 0.0) -> bool:
+    """True when a process of the Ray this process started has died without ``ray.shutdown``,
+    waiting up to ``grace_s`` for one to go.
 
     ``timeout``, systemd and ``kill -- -PGID`` signal the whole process group, so Ray's own
-    processes (which block only SIGINT) stop at the same moment as the stack.
+    processes (which block only SIGINT) get the same SIGTERM as the stack; the stack's
+    handler can run before they have exited, hence the grace period.
     """
     try:
         import ray
 
         node = ray._private.worker._global_node  # no public API says whether the local node lives
-        return node is not None and bool(node.dead_processes())
+        if node is None:
+            return False
+        deadline = time.monotonic() + grace_s
+        while not node.dead_processes():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+        return True
     except Exception:  # noqa: BLE001 - when unsure, shut down the normal way
         return False
 
@@ -225,7 +240,8 @@ class LocalStack:
                 self.worker.kill()
                 self.worker.wait()
         self.worker = None
-        ray_lost = self._ray_started and local_ray_stopped_from_outside()
+        # Only after a SIGTERM can Ray's processes be on their way out (Ctrl-C's SIGINT they ignore).
+        ray_lost = self._ray_started and local_ray_stopped_from_outside(RAY_LOSS_GRACE_S if _sigterm_seen else 0.0)
         if ray_lost:
             # Serve's controller and the store's actor went with it: asking them to shut
             # down would wait out Serve's 30 s timeout, then Ray's 60 s GCS reconnect.
