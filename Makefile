@@ -31,6 +31,7 @@ bench: install
 	$(PY) benchmarks/serve.py
 	$(PY) benchmarks/quality.py --long
 	$(PY) benchmarks/quality_perturbations.py
+	$(PY) benchmarks/distill_probe.py
 	$(PY) -m pip install -q --no-build-isolation -e '.[dev,bench]'
 	$(PY) benchmarks/decode.py
 	$(PY) benchmarks/store.py
