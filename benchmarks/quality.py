@@ -474,10 +474,12 @@ def write_results(out_dir: Path, manifest, results: dict, args: argparse.Namespa
     lines += ["## Best moment", "",
               "For each event phrase of each video (e.g. \"a red circle moves left\"), is the reported best "
               "frame inside that event's time window? `moment_rerank`: argmax of the teacher's frame relevance "
-              "(what a re-ranked result returns); `moment_recall`: argmax of the student's text-agnostic AFA "
-              "weights (the recall-only fallback).", ""]
-    lines += md_table(["set", "moment_rerank (%)", "moment_recall (%)"],
-                      [[name, f"{m.get('moment_rerank', float('nan')):.1f}", f"{m.get('moment_recall', float('nan')):.1f}"]
+              "(what a re-ranked result returns); `moment_recall`: argmax of the phrase's cosine with each "
+              "stored frame (what a result that was not re-ranked returns); `moment_afa`: argmax of the "
+              "student's text-agnostic AFA weights (what FgT trains; no result reports it).", ""]
+    columns = ("moment_rerank", "moment_recall", "moment_afa")
+    lines += md_table(["set", *(f"{c} (%)" for c in columns)],
+                      [[name, *(f"{m.get(c, float('nan')):.1f}" for c in columns)]
                        for name, m in moments.items()]) + [""]
     lines += ["## Twins by relation", "",
               "% of (caption, twin) pairs where the captioned video outscores that twin, per exact relation "

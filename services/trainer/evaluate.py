@@ -103,9 +103,13 @@ def moment_accuracy(model: VideoTextModel, data: EvalSet) -> dict[str, float]:
     """For every event phrase (synthetic data), is the best frame inside the event's window?
 
     ``moment_rerank``: argmax of the scorer's frame relevance for the phrase (what a
-    re-ranked result reports); ``moment_recall``: argmax of the head's text-agnostic
-    frame weights (the recall-side fallback). Percent of phrases.
+    re-ranked result reports); ``moment_recall``: argmax of the phrase's cosine with each
+    stored frame (what a result that was not re-ranked reports, the service's own
+    function); ``moment_afa``: argmax of the head's text-agnostic frame weights (what FgT
+    trains; no result reports it). Percent of phrases.
     """
+    from vidsearch.services.query.fusion import best_frames, frame_text_cosine
+
     rows, phrases, windows = [], [], []
     for video, events in enumerate(data.bank.events):
         for event in events:
@@ -114,21 +118,27 @@ def moment_accuracy(model: VideoTextModel, data: EvalSet) -> dict[str, float]:
             windows.append((float(event["start_s"]), float(event["end_s"])))
     if not rows or data.times is None:
         return {}
-    times = data.times
     index = torch.as_tensor(rows)
     frames, mask = data.frames[index].to(model.device), data.mask[index].to(model.device)
-    hits_rerank, hits_recall = [], []
-    for start in range(0, len(rows), 256):
-        part = slice(start, start + 256)
-        _, relevance = model.score_pairs(phrases[part], frames[part], mask[part])
-        _, weights = model.aggregate_with_weights(frames[part], mask[part])
-        for offset, (rel, wts) in enumerate(zip(relevance.cpu(), weights.cpu())):
-            stamps = times[rows[start + offset]]
-            low, high = windows[start + offset]
-            inside = lambda t: low - 1e-6 <= float(t) < high - 1e-6  # noqa: E731
-            hits_rerank.append(inside(stamps[int(rel.argmax())]))
-            hits_recall.append(inside(stamps[int(wts.argmax())]))
-    return {"moment_rerank": 100.0 * float(np.mean(hits_rerank)), "moment_recall": 100.0 * float(np.mean(hits_recall))}
+    picks: dict[str, list[int]] = {"moment_rerank": [], "moment_recall": [], "moment_afa": []}
+    with torch.inference_mode():
+        for start in range(0, len(rows), 256):
+            part = slice(start, start + 256)
+            _, relevance = model.score_pairs(phrases[part], frames[part], mask[part])
+            _, weights = model.aggregate_with_weights(frames[part], mask[part])
+            sentence = model.encode_text(phrases[part]).float().cpu().numpy()
+            valid = mask[part].cpu().numpy()
+            cosine = np.stack([frame_text_cosine(text, video) for text, video in
+                               zip(sentence, frames[part].float().cpu().numpy())])
+            picks["moment_rerank"] += best_frames(relevance.float().cpu().numpy(), valid).tolist()
+            picks["moment_recall"] += best_frames(cosine, valid).tolist()
+            picks["moment_afa"] += best_frames(weights.float().cpu().numpy(), valid).tolist()
+    out = {}
+    for name, frame_of in picks.items():
+        hits = [low - 1e-6 <= float(data.times[video][frame]) < high - 1e-6
+                for video, frame, (low, high) in zip(rows, frame_of, windows)]
+        out[name] = 100.0 * float(np.mean(hits))
+    return out
 
 
 def evaluate_model(model: VideoTextModel, data: EvalSet, *, rerank_k: Sequence[int], beta: float,
