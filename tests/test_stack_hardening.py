@@ -116,11 +116,15 @@ class Stack:
             time.sleep(1)
         raise AssertionError(f"timed out waiting for {what}: {self.output()[-3000:]}")
 
-    def stop(self) -> int:
-        """SIGTERM to the whole process group, as `timeout`, systemd and `kill -- -PGID` send it:
-        Ray's own processes get it too (before: exit 1 after Ray's 60 s GCS reconnect)."""
+    def stop(self, whole_group: bool = True) -> int:
+        """SIGTERM to the whole process group, as `timeout`, systemd and `kill -- -PGID` send it
+        (Ray's own processes get it too; before: exit 1 after Ray's 60 s GCS reconnect), or to
+        `vidsearch up` alone, as `kill PID` sends it."""
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
+            if whole_group:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            else:
+                self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout=90)
             except subprocess.TimeoutExpired:
@@ -143,6 +147,15 @@ def descendants(pid: int) -> set[int]:
     return found
 
 
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def listening(pids: set[int]) -> list[str]:
     out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout
     addresses = []
@@ -158,6 +171,26 @@ def worker_pids(stack: Stack) -> list[int]:
     tree = descendants(stack.proc.pid)
     return [int(line.split()[0]) for line in out.splitlines()
             if "ingest-worker" in line and int(line.split()[0]) in tree]
+
+
+def test_sigterm_to_the_stack_alone_shuts_ray_serve_and_the_store_down_in_order(tmp_path):
+    """`kill PID`: Ray's processes did not get the signal, so after its grace period the stack
+    stops Serve and the store itself. Runs before the module's stack exists (one Ray at a time)."""
+    alone = Stack(tmp_path)
+    try:
+        alone.wait_for(lambda: read_state(alone.state_file), "the state file")
+        pids = descendants(alone.proc.pid)
+    finally:
+        code = alone.stop(whole_group=False)
+    output = alone.output()
+    assert code == 0, output[-3000:]
+    assert "the local Ray was stopped from outside" not in output, output[-3000:]
+    assert "Failed to connect to GCS" not in output and "failed to shut down" not in output, output[-3000:]
+    assert not alone.state_file.exists()
+    deadline = time.monotonic() + 30
+    while (left := [pid for pid in pids if alive(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"processes of the stack outlived it: {left}"
 
 
 @pytest.fixture(scope="module")
