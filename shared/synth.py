@@ -11,6 +11,14 @@ can be moved or mounted elsewhere; :func:`load_manifest` resolves them against t
 manifest's own directory and returns absolute paths. Same arguments -> identical
 manifest and identical frames (the specs come from one seeded generator in the
 parent process; rendering and encoding are pure functions of the spec).
+
+Two domains (``domain=``): "classic", the renderer the shipped model was trained on
+(its output for a seed is byte-identical to what it always was: no domain key is
+written for it), and "randomized" (:mod:`vidsearch.synth_domain`): the same
+vocabulary with backgrounds, shades, sizes, anti-aliasing, noise, compression, frame
+sizes, fps, lengths, motion and caption grammar randomised, plus direction twins. Its
+manifest records carry ``metadata["domain"] = "randomized"`` and the per-family
+``metadata["look"]``, its events a ``style``, and synth.json ``"domain"``.
 """
 from __future__ import annotations
 
@@ -28,6 +36,8 @@ import numpy as np
 from tqdm import tqdm
 
 from vidsearch.synth_scenes import COLOURS, SHAPES, SIZES, HIDDEN_FRACTION, Event, VideoSpec, plan_dataset
+
+DOMAINS: tuple[str, ...] = ("classic", "randomized")  # also in synth_domain and synth_cli (tests check)
 from vidsearch.telemetry import log_event
 from vidsearch.video_writer import write_video
 
@@ -71,7 +81,8 @@ class SynthRecord:
         """The scene spec back from the manifest, to re-render the exact frames."""
         return VideoSpec(events=tuple(Event.from_dict(e) for e in self.events),
                          num_frames=int(self.metadata["num_frames"]), background=int(self.metadata["background"]),
-                         family=self.family, variant=self.variant, captions=tuple(self.captions))
+                         family=self.family, variant=self.variant, captions=tuple(self.captions),
+                         look=self.metadata.get("look"))
 
 
 # ---------------------------------------------------------------- rendering
@@ -117,7 +128,12 @@ def event_track(event: Event, size: int) -> tuple[np.ndarray, np.ndarray, np.nda
 
 
 def render_video(spec: VideoSpec, size: int) -> np.ndarray:
-    """uint8[T, size, size, 3] RGB frames of a spec: plain background, one object per event."""
+    """uint8[T, size, size, 3] RGB frames of a spec: plain background, one object per event.
+    A randomised-domain spec (one with a look) has its own frame size and renderer."""
+    if spec.look is not None:
+        from vidsearch.synth_domain_render import render_frames
+
+        return render_frames(spec)
     frames = np.full((spec.num_frames, size, size, 3), spec.background, dtype=np.uint8)
     # Pixel centres, so that a centre at x means the object is symmetric around x.
     grid = np.arange(size, dtype=np.float32) + 0.5
@@ -137,6 +153,11 @@ def iter_frames(spec: VideoSpec, size: int, chunk_frames: int = 512) -> Iterator
     long video never holds all its pixels at once. Chunks are cut only where no event
     spans the cut (an event's track is a function of its whole length), so the frames
     are identical to ``render_video``'s; a short video is one chunk."""
+    if spec.look is not None:
+        from vidsearch.synth_domain_render import iter_frames as iter_random
+
+        yield from iter_random(spec, chunk_frames)
+        return
     events = sorted(spec.events, key=lambda e: e.start_frame)
     start = 0
     while start < spec.num_frames:
@@ -153,8 +174,15 @@ def iter_frames(spec: VideoSpec, size: int, chunk_frames: int = 512) -> Iterator
 
 # ---------------------------------------------------------------- dataset
 
+def validate_domain(domain: str) -> str:
+    """Raise SynthError unless ``domain`` is one of DOMAINS."""
+    if domain not in DOMAINS:
+        raise SynthError(f"--domain must be one of {', '.join(DOMAINS)} (got {domain!r})")
+    return domain
+
+
 def validate_args(n: int, size: int, fps: float, seconds: float, val_frac: float, test_frac: float,
-                  reverse_rate: float, swap_rate: float, workers: int) -> int:
+                  reverse_rate: float, swap_rate: float, workers: int, direction_rate: float = 0.0) -> int:
     """Raise SynthError for a bad argument; return the number of frames per video."""
     if n < 1:
         raise SynthError(f"--n must be at least 1 (got {n})")
@@ -165,7 +193,8 @@ def validate_args(n: int, size: int, fps: float, seconds: float, val_frac: float
     for name, value in (("--val-frac", val_frac), ("--test-frac", test_frac)):
         if not 0.0 <= value < 1.0:
             raise SynthError(f"{name} must be in [0, 1) (got {value})")
-    for name, value in (("--reverse-rate", reverse_rate), ("--swap-rate", swap_rate)):
+    for name, value in (("--reverse-rate", reverse_rate), ("--swap-rate", swap_rate),
+                        ("--direction-rate", direction_rate)):
         if not 0.0 <= value <= 1.0:
             raise SynthError(f"{name} must be in [0, 1] (got {value})")
     if val_frac + test_frac >= 1.0:
@@ -205,15 +234,19 @@ def _video_id(seed: int, index: int) -> str:
     return f"synth-s{seed}-{index:05d}"
 
 
+_RELATION_ORDER = ("reversed", "swap", "direction")
+
+
 def _relation(a: str, b: str) -> str:
-    """How two members of a family differ: "reversed", "swap:<attribute>", or both."""
+    """How two members of a family differ: "reversed", "swap:<attribute>", "direction"
+    (one event played backwards: randomised domain), or two of them ("reversed+swap:size")."""
     if "base" in (a, b):
         return b if a == "base" else a
-    swap = a if a.startswith("swap") else b
-    return f"reversed+{swap}"
+    return "+".join(sorted((a, b), key=lambda v: _RELATION_ORDER.index(v.split(":")[0])))
 
 
-def _records(specs: list[VideoSpec], seed: int, splits: list[str], fps: float, size: int) -> list[SynthRecord]:
+def _records(specs: list[VideoSpec], seed: int, splits: list[str], fps: float, size: int,
+             partial: list[list[int]] | None = None) -> list[SynthRecord]:
     ids = [_video_id(seed, i) for i in range(len(specs))]
     by_family: dict[int, list[int]] = {}
     for index, spec in enumerate(specs):
@@ -225,17 +258,22 @@ def _records(specs: list[VideoSpec], seed: int, splits: list[str], fps: float, s
         shapes = sorted({e.shape for e in spec.events})
         colours = sorted({e.colour for e in spec.events})
         actions = sorted({e.action for e in spec.events})
+        look = spec.look
+        rate = look["fps"] if look else fps  # the randomised domain varies fps and size per family
         metadata = {
             "title": " and ".join(f"{e.colour} {e.shape}" for e in spec.events),
             "tags": sorted(set(shapes) | set(colours) | set(actions) | {e.size for e in spec.events}),
             "shapes": shapes, "colours": colours, "actions": actions,
             "category": f"{len(spec.events)}-events",
-            "duration": round(spec.num_frames / fps, 4), "fps": fps, "num_frames": spec.num_frames,
-            "width": size, "height": size, "background": spec.background,
+            "duration": round(spec.num_frames / rate, 4), "fps": rate, "num_frames": spec.num_frames,
+            "width": look["width"] if look else size, "height": look["height"] if look else size,
+            "background": spec.background,
         }
+        if look:  # only then, so that classic manifests stay byte-identical
+            metadata.update(domain="randomized", look=look, partial_captions=partial[index] if partial else [])
         records.append(SynthRecord(
             video_id=ids[index], path=Path(VIDEOS_DIR) / f"{ids[index]}.mp4", captions=list(spec.captions),
-            split=splits[index], metadata=metadata, events=[e.to_dict(fps) for e in spec.events],
+            split=splits[index], metadata=metadata, events=[e.to_dict(rate) for e in spec.events],
             family=spec.family, variant=spec.variant, hard_negatives=negatives))
     return records
 
@@ -265,7 +303,10 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
 
 def _write_one(job: tuple[VideoSpec, int, float, str]) -> str:
     spec, size, fps, path = job
-    write_video(path, iter_frames(spec, size), fps=fps)
+    if spec.look is not None:  # randomised domain: the family's own fps and compression
+        write_video(path, iter_frames(spec, size), fps=spec.look["fps"], crf=int(spec.look["crf"]))
+    else:
+        write_video(path, iter_frames(spec, size), fps=fps)
     return path
 
 
@@ -298,22 +339,45 @@ def _write_dataset(out: Path, specs: list[VideoSpec], records: list[SynthRecord]
 def generate_dataset(out_dir: str | os.PathLike, n: int, seed: int = 0, *, size: int = 64, fps: float = 8.0,
                      seconds: float = 3.0, val_frac: float = 0.1, test_frac: float = 0.1,
                      reverse_rate: float = 0.4, swap_rate: float = 0.4, workers: int = 1,
-                     overwrite: bool = False, progress: bool | None = None) -> Path:
+                     overwrite: bool = False, progress: bool | None = None, domain: str = "classic",
+                     direction_rate: float | None = None) -> Path:
     """Write n synthetic videos and the manifest into out_dir; return the manifest path.
 
     ``reverse_rate``/``swap_rate``: fraction of base videos that get a reversed-order
-    twin / a one-attribute twin. ``progress=None`` shows a bar only on a TTY.
+    twin / a one-attribute twin. ``domain="randomized"``: the randomised domain, where
+    ``size``/``fps``/``seconds`` are the centres that frame size, fps and length vary
+    around, and ``direction_rate`` (default 0.3) the fraction of base videos with a
+    direction twin. ``progress=None`` shows a bar only on a TTY.
     Raises :class:`SynthError` for bad arguments or an unusable out_dir.
     """
-    num_frames = validate_args(n, size, fps, seconds, val_frac, test_frac, reverse_rate, swap_rate, workers)
+    validate_domain(domain)
+    if domain == "classic" and direction_rate:
+        raise SynthError("--direction-rate applies only with --domain randomized")
+    direction = 0.3 if direction_rate is None else direction_rate
+    num_frames = validate_args(n, size, fps, seconds, val_frac, test_frac, reverse_rate, swap_rate, workers,
+                               direction)
+    if domain == "randomized" and size > 512:
+        raise SynthError(f"--size must be at most 512 with --domain randomized, frames reach 1.5x it (got {size})")
     out = Path(out_dir)
     _prepare_out_dir(out, overwrite)
-    specs = plan_dataset(n, seed, num_frames, reverse_rate=reverse_rate, swap_rate=swap_rate)
-    records = _records(specs, seed, assign_splits(specs, seed, val_frac, test_frac), fps, size)
+    partial = None
+    if domain == "classic":
+        specs = plan_dataset(n, seed, num_frames, reverse_rate=reverse_rate, swap_rate=swap_rate)
+        splits = assign_splits(specs, seed, val_frac, test_frac)
+    else:
+        from vidsearch.synth_domain import add_partial_captions, plan_randomized
+
+        specs = plan_randomized(n, seed, size, fps, seconds, reverse_rate=reverse_rate, swap_rate=swap_rate,
+                                direction_rate=direction)
+        splits = assign_splits(specs, seed, val_frac, test_frac)
+        specs, partial = add_partial_captions(specs, splits, seed)
+    records = _records(specs, seed, splits, fps, size, partial)
     info = {"format_version": FORMAT_VERSION, "n": n, "seed": seed, "size": size, "fps": fps, "seconds": seconds,
             "num_frames": num_frames, "val_frac": val_frac, "test_frac": test_frac,
             "reverse_rate": reverse_rate, "swap_rate": swap_rate,
             "splits": {s: sum(r.split == s for r in records) for s in SPLITS}}
+    if domain != "classic":  # classic's synth.json stays what it was (no domain key = classic)
+        info.update(domain=domain, direction_rate=direction, partial_captions=sum(map(len, partial or [])))
     show = sys.stderr.isatty() if progress is None else progress
     try:
         manifest = _write_dataset(out, specs, records, info, workers, show)

@@ -8,6 +8,8 @@ from vidsearch.config import Settings
 
 # The long mode's defaults, stated once for the help text and the run.
 LONG_DEFAULTS = {"n": 4, "seconds": 180.0, "min_event_s": 5.0, "max_event_s": 12.0, "max_gap_s": 2.0}
+# Stated here too so that `--help` does not import numpy; vidsearch.synth checks they agree.
+DOMAINS = ("classic", "randomized")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -28,6 +30,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="fraction of base videos that get a reversed-event-order twin (default 0.4)")
     parser.add_argument("--swap-rate", type=float, default=0.4,
                         help="fraction of base videos that get a one-attribute-changed twin (default 0.4)")
+    parser.add_argument("--domain", default="classic", metavar="{" + ",".join(DOMAINS) + "}",
+                        help="classic: the renderer the shipped model was trained on (byte-identical for a seed); "
+                             "randomized: same vocabulary, randomised backgrounds, shades, sizes, anti-aliasing, "
+                             "noise, crf, frame sizes around --size, fps around --fps, lengths around --seconds, "
+                             "eased motion, lingering objects, direction twins and a wider caption grammar "
+                             "(default classic)")
+    parser.add_argument("--direction-rate", type=float, default=None,
+                        help="fraction of base videos that get a twin with one event played backwards "
+                             "(--domain randomized only; default 0.3)")
     parser.add_argument("--workers", type=int, default=1, help="encoding processes (default 1)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an earlier dataset in a non-empty OUT (other files are kept)")
@@ -46,6 +57,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     # Imported here so that `vidsearch synth --help` does not load PyAV.
     from vidsearch.synth import SynthError, generate_dataset, load_manifest
 
+    if args.domain not in DOMAINS:  # checked here, not by argparse choices: one line, exit 1
+        raise CommandError(f"--domain must be one of {', '.join(DOMAINS)} (got {args.domain!r})")
     if args.long:
         return _run_long(args)
     given = [flag for flag in ("min_event_s", "max_event_s", "max_gap_s") if getattr(args, flag) is not None]
@@ -57,12 +70,14 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         manifest = generate_dataset(
             args.out, args.n, args.seed, size=args.size, fps=args.fps, seconds=args.seconds,
             val_frac=args.val_frac, test_frac=args.test_frac, reverse_rate=args.reverse_rate,
-            swap_rate=args.swap_rate, workers=args.workers, overwrite=args.overwrite, progress=args.progress)
+            swap_rate=args.swap_rate, workers=args.workers, overwrite=args.overwrite, progress=args.progress,
+            domain=args.domain, direction_rate=args.direction_rate)
     except SynthError as exc:
         raise CommandError(str(exc)) from None
     records = load_manifest(manifest)
     counts = {split: sum(r.split == split for r in records) for split in ("train", "val", "test")}
-    print(f"wrote {len(records)} videos ({', '.join(f'{k} {v}' for k, v in counts.items())}) -> {manifest}")
+    domain = "" if args.domain == "classic" else f" ({args.domain} domain)"
+    print(f"wrote {len(records)} videos{domain} ({', '.join(f'{k} {v}' for k, v in counts.items())}) -> {manifest}")
     return 0
 
 
@@ -70,12 +85,14 @@ def _run_long(args: argparse.Namespace) -> int:
     from vidsearch.synth import SynthError, load_manifest
     from vidsearch.synth_long import generate_long_dataset
 
+    if args.direction_rate is not None:
+        raise CommandError("--direction-rate does not apply with --long (long videos have no twins)")
     values = {k: (LONG_DEFAULTS[k] if getattr(args, k) is None else getattr(args, k)) for k in LONG_DEFAULTS}
     try:
         manifest = generate_long_dataset(
             args.out, int(values["n"]), args.seed, size=args.size, fps=args.fps, seconds=values["seconds"],
             min_event_s=values["min_event_s"], max_event_s=values["max_event_s"], max_gap_s=values["max_gap_s"],
-            workers=args.workers, overwrite=args.overwrite, progress=args.progress)
+            workers=args.workers, overwrite=args.overwrite, progress=args.progress, domain=args.domain)
     except SynthError as exc:
         raise CommandError(str(exc)) from None
     records = load_manifest(manifest)

@@ -26,13 +26,13 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import av
 import numpy as np
 
 from vidsearch.synth import (FORMAT_VERSION, VIDEOS_DIR, SynthError, SynthRecord, _prepare_out_dir,
-                             _write_dataset)
+                             _write_dataset, validate_domain)
 from vidsearch.synth_scenes import (ACTIONS, COLOURS, MIN_EVENT_FRAMES, SHAPES, Event, VideoSpec, _sample_event,
                                     caption_key, clause)
 from vidsearch.telemetry import log_event
@@ -78,12 +78,15 @@ def _video_id(seed: int, index: int) -> str:
     return f"synth-s{seed}-long{index:03d}"
 
 
+Sampler = Callable[[np.random.Generator, str, str, int, int], Event]
+
+
 def _event_with(rng: np.random.Generator, colour: str, action: str, start: int, stop: int,
-                taken: set[tuple]) -> Event | None:
+                taken: set[tuple], sampler: Sampler = _sample_event) -> Event | None:
     """An event of this colour and action whose caption no event in ``taken`` has."""
     for _ in range(_ATTEMPTS):
         shape = SHAPES[int(rng.integers(len(SHAPES)))]
-        event = _sample_event(rng, shape, colour, start, stop)
+        event = sampler(rng, shape, colour, start, stop)
         # _sample_event draws the action itself; drawing until it matches reuses its
         # placement rules for every action without restating them here.
         if event.action == action and caption_key([event]) not in taken:
@@ -92,10 +95,11 @@ def _event_with(rng: np.random.Generator, colour: str, action: str, start: int, 
 
 
 def plan_long_video(rng: np.random.Generator, num_frames: int, event_frames: tuple[int, int], max_gap: int,
-                    taken: set[tuple]) -> tuple[Event, ...]:
+                    taken: set[tuple], sampler: Sampler = _sample_event) -> tuple[Event, ...]:
     """Events back to back over ``num_frames``, each ``event_frames`` long (inclusive
     range) after a gap of 0..``max_gap`` frames; the tail after the last event that fits
-    stays empty. Adds the events' caption keys to ``taken``."""
+    stays empty. Adds the events' caption keys to ``taken``. ``sampler`` draws one
+    event (the classic one, or :func:`vidsearch.synth_domain.sample_event`)."""
     pairs = [(c, a) for c in COLOURS for a in ACTIONS]
     order: list[tuple[str, str]] = []
     events: list[Event] = []
@@ -112,7 +116,7 @@ def plan_long_video(rng: np.random.Generator, num_frames: int, event_frames: tup
             if not order:  # a fresh shuffled round of (colour, action) pairs
                 order = [pairs[i] for i in rng.permutation(len(pairs))]
             colour, action = order.pop()
-            event = _event_with(rng, colour, action, position + gap, position + gap + length, taken)
+            event = _event_with(rng, colour, action, position + gap, position + gap + length, taken, sampler)
             if event is not None:
                 break
         if event is None:
@@ -132,8 +136,11 @@ def _record(spec: VideoSpec, video_id: str, fps: float, size: int) -> SynthRecor
         "shapes": sorted({e.shape for e in spec.events}), "colours": sorted({e.colour for e in spec.events}),
         "actions": sorted({e.action for e in spec.events}), "category": "long",
         "duration": round(spec.num_frames / fps, 4), "fps": fps, "num_frames": spec.num_frames,
-        "width": size, "height": size, "background": spec.background, "long": True,
+        "width": spec.look["width"] if spec.look else size, "height": spec.look["height"] if spec.look else size,
+        "background": spec.background, "long": True,
     }
+    if spec.look:  # only then: classic long manifests stay byte-identical
+        metadata.update(domain="randomized", look=spec.look)
     return SynthRecord(video_id=video_id, path=Path(VIDEOS_DIR) / f"{video_id}.mp4", captions=list(spec.captions),
                        split="test", metadata=metadata, events=events, family=spec.family, variant="long")
 
@@ -141,30 +148,48 @@ def _record(spec: VideoSpec, video_id: str, fps: float, size: int) -> SynthRecor
 def generate_long_dataset(out_dir: str | os.PathLike, n: int, seed: int = 0, *, size: int = 64, fps: float = 8.0,
                           seconds: float = 180.0, min_event_s: float = 5.0, max_event_s: float = 12.0,
                           max_gap_s: float = 2.0, workers: int = 1, overwrite: bool = False,
-                          progress: bool | None = None) -> Path:
+                          progress: bool | None = None, domain: str = "classic") -> Path:
     """Write n long videos and their manifest into out_dir; return the manifest path.
 
     Defaults match what the shipped model was trained on (64 px, 8 fps); its frame tower
     sees single frames, so an event needs only to last longer than the spacing of the
     frames sampled per segment (about 30 s / 8 frames) to be seen at all.
+    ``domain="randomized"``: each video gets a randomised look (frame size, background,
+    noise, crf; fps and length stay as asked, so event times are as planned) and its
+    events randomised styles; an object lingers at most its own event's length.
     Raises :class:`SynthError` for bad arguments or an unusable out_dir.
     """
+    validate_domain(domain)
     num_frames, shortest, longest, max_gap = validate_long_args(n, size, fps, seconds, min_event_s, max_event_s,
                                                                 max_gap_s, workers)
     out = Path(out_dir)
     _prepare_out_dir(out, overwrite)
-    rng = np.random.default_rng([seed, 2])  # its own stream: never the short set's videos
+    if domain == "classic":
+        rng = np.random.default_rng([seed, 2])  # its own stream: never the short set's videos
+    else:
+        rng = np.random.default_rng([seed, 13])
     taken: set[tuple] = set()
     specs = []
     for index in range(n):
-        events = plan_long_video(rng, num_frames, (shortest, longest), max_gap, taken)
-        specs.append(VideoSpec(events, num_frames, int(rng.integers(16, 72)), family=index, variant="long",
-                               captions=tuple(clause(e, 0) for e in events)))
+        if domain == "classic":
+            events = plan_long_video(rng, num_frames, (shortest, longest), max_gap, taken)
+            background, look = int(rng.integers(16, 72)), None
+        else:
+            from vidsearch.synth_domain import background_level, sample_event, sample_frame_size, sample_look
+
+            events = plan_long_video(rng, num_frames, (shortest, longest), max_gap, taken, sample_event)
+            look = sample_look(rng, {**sample_frame_size(rng, size), "fps": fps, "num_frames": num_frames},
+                               [e.style["rgb"] for e in events])
+            background = background_level(look)
+        specs.append(VideoSpec(events, num_frames, background, family=index, variant="long",
+                               captions=tuple(clause(e, 0) for e in events), look=look))
     records = [_record(spec, _video_id(seed, i), fps, size) for i, spec in enumerate(specs)]
     info: dict[str, Any] = {"format_version": FORMAT_VERSION, "mode": "long", "n": n, "seed": seed, "size": size,
                             "fps": fps, "seconds": seconds, "num_frames": num_frames, "min_event_s": min_event_s,
                             "max_event_s": max_event_s, "max_gap_s": max_gap_s,
                             "events": sum(len(s.events) for s in specs), "splits": {"test": n}}
+    if domain != "classic":
+        info["domain"] = domain
     show = sys.stderr.isatty() if progress is None else progress
     try:
         manifest = _write_dataset(out, specs, records, info, workers, show)

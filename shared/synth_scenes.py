@@ -10,6 +10,12 @@ tell them apart. The "swap" twin changes one attribute of one event (colour, sha
 size, or flips the action: left<->right, up<->down, grow<->shrink, appear<->disappear);
 an action flip again keeps the frame multiset of that segment.
 
+That is the classic domain, the one the shipped model was trained on. The randomised
+domain (:mod:`vidsearch.synth_domain`) reuses this scene model with per-event styles
+(``Event.style``) and per-family looks (``VideoSpec.look``), lets objects linger after
+their event and adds direction twins; both fields are None here, and then nothing about
+the classic output changes.
+
 Everything here is pure data plus a seeded ``numpy.random.Generator``; rendering is
 in :mod:`vidsearch.synth` and is a pure function of a :class:`VideoSpec`.
 """
@@ -60,6 +66,9 @@ class Event:
     start_frame: int
     end_frame: int
     position: str | None = None  # named place for stay/appear/disappear
+    # Randomised domain only (vidsearch.synth_domain): shade, radius, easing, lingering...
+    # None in the classic domain, whose manifests then stay byte-identical to before.
+    style: dict[str, Any] | None = field(default=None, compare=False)
 
     @property
     def num_frames(self) -> int:
@@ -72,6 +81,7 @@ class Event:
             "start_frame": self.start_frame, "end_frame": self.end_frame,
             "start_s": round(self.start_frame / fps, 4), "end_s": round(self.end_frame / fps, 4),
             "phrase": clause(self, 0),
+            **({"style": self.style} if self.style is not None else {}),
         }
 
     @classmethod
@@ -79,7 +89,7 @@ class Event:
         return cls(shape=data["shape"], colour=data["colour"], size=data["size"], action=data["action"],
                    start_xy=tuple(data["start_xy"]), end_xy=tuple(data["end_xy"]),
                    start_frame=int(data["start_frame"]), end_frame=int(data["end_frame"]),
-                   position=data.get("position"))
+                   position=data.get("position"), style=data.get("style"))
 
 
 @dataclass(frozen=True)
@@ -92,6 +102,8 @@ class VideoSpec:
     family: int = 0
     variant: str = "base"  # base | reversed | swap:<attribute>
     captions: tuple[str, ...] = field(default=(), compare=False)
+    # Randomised domain only: frame size, fps, crf, background, noise (vidsearch.synth_domain).
+    look: dict[str, Any] | None = field(default=None, compare=False)
 
     def key(self) -> tuple:
         """What a caption can tell apart; two videos in a dataset never share a key."""
@@ -169,9 +181,10 @@ def reverse_events(events: Sequence[Event]) -> tuple[Event, ...]:
     return tuple(out)
 
 
-def swap_attribute(rng: np.random.Generator, events: Sequence[Event]) -> tuple[tuple[Event, ...], str] | None:
-    """Change one attribute of one event; None when no change keeps the events valid."""
-    options = [(i, a) for i in range(len(events)) for a in SWAP_ATTRIBUTES]
+def swap_attribute(rng: np.random.Generator, events: Sequence[Event],
+                   attributes: Sequence[str] = SWAP_ATTRIBUTES) -> tuple[tuple[Event, ...], str] | None:
+    """Change one of ``attributes`` of one event; None when no change keeps the events valid."""
+    options = [(i, a) for i in range(len(events)) for a in attributes]
     for index in rng.permutation(len(options)):
         i, attribute = options[index]
         event = events[i]
@@ -186,12 +199,22 @@ def swap_attribute(rng: np.random.Generator, events: Sequence[Event]) -> tuple[t
         else:
             if event.action not in FLIPS:
                 continue
-            new = replace(event, action=FLIPS[event.action], start_xy=event.end_xy, end_xy=event.start_xy,
-                          size=_flipped_size(event))
+            new = flip_event(event)
         swapped = tuple(new if j == i else e for j, e in enumerate(events))
         if _objects_distinct(swapped):
             return swapped, attribute
     return None
+
+
+def flip_event(event: Event) -> Event:
+    """The event played backwards (left<->right, grow<->shrink, appear<->disappear...)."""
+    style = event.style
+    if style is not None:
+        from vidsearch.synth_domain import reverse_style  # the randomised domain's own timing
+
+        style = reverse_style(style)
+    return replace(event, action=FLIPS[event.action], start_xy=event.end_xy, end_xy=event.start_xy,
+                   size=_flipped_size(event), style=style)
 
 
 def _flipped_size(event: Event) -> str:
@@ -343,11 +366,33 @@ def make_captions(rng: np.random.Generator, events: Sequence[Event]) -> tuple[st
 
 # ---------------------------------------------------------------- counterfactual captions
 
+# Share of counterfactuals that flip one event's direction, for randomised-domain events.
+DIRECTION_COUNTERFACTUAL_RATE = 0.3
+
+
+def flip_direction(rng: np.random.Generator, events: Sequence[Event]) -> tuple[tuple[Event, ...], int] | None:
+    """One random event with a direction (move, grow/shrink, appear/disappear) played
+    backwards, and its index; None when no event has one. Objects stay distinct, since
+    shape and colour are kept."""
+    flippable = [i for i, e in enumerate(events) if e.action in FLIPS]
+    if not flippable:
+        return None
+    index = flippable[int(rng.integers(len(flippable)))]
+    return tuple(flip_event(e) if j == index else e for j, e in enumerate(events)), index
+
+
 def counterfactual_caption(rng: np.random.Generator, events: Sequence[dict[str, Any]],
-                           reverse_rate: float = 0.2) -> tuple[str, tuple] | None:
-    """A caption that describes a video the events do *not* show: one attribute of one
-    event changed (as a swap twin would be), or, at ``reverse_rate``, the events in the
-    opposite order. Worded with a random paraphrase template, like a real caption.
+                           reverse_rate: float = 0.2, direction_rate: float | None = None) -> tuple[str, tuple] | None:
+    """A caption that describes a video the events do *not* show: at ``direction_rate``
+    one event played backwards (kind "direction"), else, at ``reverse_rate``, the events
+    in the opposite order, else one attribute of one event changed (as a swap twin would
+    be). Worded with a random paraphrase template, like a real caption.
+
+    ``direction_rate=None`` means 0 for classic events (so the shipped recipe draws
+    exactly the numbers it always drew) and DIRECTION_COUNTERFACTUAL_RATE for events of
+    the randomised domain (they carry a ``style``), which are also worded with that
+    domain's wider grammar (full captions only: a partial one could leave out the
+    changed event and so describe the real video).
 
     Training uses these as text-side hard negatives. Twins in the batch contrast a
     caption against similar videos; these contrast a video against similar captions,
@@ -361,15 +406,26 @@ def counterfactual_caption(rng: np.random.Generator, events: Sequence[dict[str, 
     parsed = tuple(Event.from_dict(e) for e in events)
     if not parsed:
         return None
+    randomised = any(e.style is not None for e in parsed)
+    if direction_rate is None:
+        direction_rate = DIRECTION_COUNTERFACTUAL_RATE if randomised else 0.0
     changed: tuple[Event, ...] | None = None
-    if len(parsed) > 1 and rng.random() < reverse_rate:
+    if direction_rate > 0 and rng.random() < direction_rate:  # no draw at rate 0: classic streams unchanged
+        flipped = flip_direction(rng, parsed)
+        changed = flipped[0] if flipped is not None else None
+    if changed is None and len(parsed) > 1 and rng.random() < reverse_rate:
         changed = reverse_events(parsed)
-    else:
+    elif changed is None:
         swapped = swap_attribute(rng, parsed)
         changed = swapped[0] if swapped is not None else None
     if changed is None or len(changed) not in _TEMPLATES:
         return None
-    captions = make_captions(rng, changed)
+    if randomised:
+        from vidsearch.synth_grammar import full_captions  # imported late: it imports this module
+
+        captions = full_captions(rng, changed)
+    else:
+        captions = make_captions(rng, changed)
     return captions[int(rng.integers(len(captions)))], caption_key(changed)
 
 
