@@ -88,6 +88,11 @@ def test_relative_paths_resolve_against_the_config_file_not_the_cwd(tmp_path, mo
     ({"stages": {"backbone": {"enabled": False}, "teacher": {"enabled": False}, "distill": {"enabled": False}}},
      ["stages", "at least one stage"]),
     ({"publish": {"reindex": "sometimes"}}, ["publish.reindex"]),
+    # The gate reads only val: test.* stays held out.
+    ({"publish": {"gate_metric": "test.student.R@1"}}, ["publish.gate_metric", "'test.student.R@1' is not a val metric"]),
+    ({"publish": {"gate_rerank_metric": "test.rerank@20.R@1"}}, ["publish.gate_rerank_metric", "not a val metric"]),
+    ({"publish": {"gate_metric": "val.student.MdR"}}, ["publish.gate_metric", "lower is better"]),
+    ({"publish": {"gate_se_k": -1}}, ["publish.gate_se_k"]),
     ({"evaluate": {"rerank_k": [10, 0]}}, ["evaluate.rerank_k"]),
     ({"scaling": {"num_workers": 0}}, ["scaling.num_workers"]),
     ({"data": {"val_frac": 1.0}}, ["data.val_frac"]),
@@ -149,14 +154,14 @@ def test_cli_flags_map_onto_the_run_config(config_file, tmp_path):
     configure(parser)
     args = parser.parse_args(["--config", str(config_file), "--backbone-steps", "3", "--teacher-steps", "4",
                               "--distill-steps", "5", "--workers", "2", "--cpus-per-worker", "3", "--seed", "7",
-                              "--preset", "tiny", "--max-videos", "9", "--gate-metric", "test.student.R@1",
+                              "--preset", "tiny", "--max-videos", "9", "--gate-metric", "val.teacher.R@1",
                               "--registry", str(tmp_path / "reg"), "--reindex", "never", "--run-dir", "elsewhere",
                               "--no-teacher", "--gpu"])
     cfg = load_run_config(args.run_config, _overrides(args))
     assert (cfg.stages.backbone.steps, cfg.stages.teacher.steps, cfg.stages.distill.steps) == (3, 4, 5)
     assert cfg.scaling.num_workers == 2 and cfg.scaling.cpus_per_worker == 3 and cfg.scaling.use_gpu is True
     assert cfg.seed == 7 and cfg.model.preset == "tiny" and cfg.data.max_videos == 9
-    assert cfg.publish.gate_metric == "test.student.R@1" and cfg.publish.registry == str(tmp_path / "reg")
+    assert cfg.publish.gate_metric == "val.teacher.R@1" and cfg.publish.registry == str(tmp_path / "reg")
     assert cfg.publish.reindex == "never" and cfg.run_dir == "elsewhere"
     assert cfg.stages.teacher.enabled is False and cfg.stages.backbone.enabled is True
     # Flags not given leave the file's values alone.
@@ -191,6 +196,14 @@ def test_cli_bad_config_file_exits_2_with_one_line(tmp_path, capsys):
     assert code == 2 and len(err.splitlines()) == 1 and "missing.yaml" in err
 
 
+def test_cli_test_split_gate_metric_exits_2_with_one_line(config_file, capsys):
+    code = main(["train", "--config", str(config_file), "--gate-metric", "test.student.R@1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err == ("vidsearch train: run config: publish.gate_metric: Value error, 'test.student.R@1' is not a val "
+                   "metric; the gate reads only val.* (test.* stays held out)")
+
+
 def test_cli_flags_disable_stages_into_a_bad_config(config_file, capsys):
     code = main(["train", "--config", str(config_file), "--no-backbone", "--no-teacher", "--no-distill"])
     err = capsys.readouterr().err.strip()
@@ -203,11 +216,17 @@ def tiny_model():
     return build_model(load_model_config("tiny"), device="cpu", seed=0)
 
 
+# The val data hash both sides record here: the gate compares stored numbers (these tests
+# cover the arithmetic; tests/test_trainer_gate.py covers other val data, on real runs).
+VAL_HASH = "a" * 64
+
+
 @pytest.fixture()
 def registry(tmp_path, tiny_model) -> ModelRegistry:
     """A real registry whose production version scored val.student.R@1 = 50."""
     reg = ModelRegistry(str(tmp_path / "registry"))
-    version = save_model_version(reg, MODEL_NAME, tiny_model, metrics={"val.student.R@1": 50.0, "val.teacher.R@1": 55.0})
+    version = save_model_version(reg, MODEL_NAME, tiny_model, metrics={"val.student.R@1": 50.0, "val.teacher.R@1": 55.0},
+                                 training={"val_data_hash": VAL_HASH})
     reg.set_alias(MODEL_NAME, PRODUCTION_ALIAS, version)
     return reg
 
@@ -227,7 +246,8 @@ def result_with(tmp_path: Path, model, registry_root: str, value: float | None, 
     return TrainResult(run_dir=run_dir, config=cfg, model_config=model.config.to_dict(), weights=weights,
                        frame_encoder=model.frame_encoder_id, metrics=metrics,
                        logs={"backbone": {"steps": 12, "samples_per_s": 1.0, "seconds": 1.0}},
-                       data_hash="0" * 64, parent_frame_encoder=model.frame_encoder_id, data_info={"kind": "synth"})
+                       data_hash="0" * 64, parent_frame_encoder=model.frame_encoder_id, data_info={"kind": "synth"},
+                       val_data_hash=VAL_HASH)
 
 
 def test_gate_refuses_a_model_10_points_worse(tmp_path, tiny_model, registry):
@@ -251,10 +271,13 @@ def test_gate_refuses_a_tie(tmp_path, tiny_model, registry):
 
 
 def test_gate_min_delta_is_a_margin(tmp_path, tiny_model, registry):
-    with pytest.raises(GateRefused, match=r"1.00 points short.*\(50.00 \+ 5\)"):
+    with pytest.raises(GateRefused, match=r"1.00 points short.*\(50.00 \+ margin 5.00 = max\(min_delta 5, "):
         check_gate(result_with(tmp_path, tiny_model, registry.root, 54.0, gate_min_delta=5.0), registry, MODEL_NAME)
-    gate = check_gate(result_with(tmp_path, tiny_model, registry.root, 55.0, gate_min_delta=5.0), registry, MODEL_NAME)
-    assert gate["min_delta"] == 5.0
+    # Beating production by exactly the margin is still a tie with it.
+    with pytest.raises(GateRefused, match="0.00 points short"):
+        check_gate(result_with(tmp_path, tiny_model, registry.root, 55.0, gate_min_delta=5.0), registry, MODEL_NAME)
+    gate = check_gate(result_with(tmp_path, tiny_model, registry.root, 55.5, gate_min_delta=5.0), registry, MODEL_NAME)
+    assert gate["min_delta"] == 5.0 and gate["margin"] == 5.0 and gate["path"] == "stored"
 
 
 def test_gate_on_another_metric(tmp_path, tiny_model, registry):

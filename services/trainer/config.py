@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import TrainingError
 
@@ -118,10 +118,30 @@ class PublishSection(_Section):
     enabled: bool = True
     registry: str | None = Field(None, description="registry root (default: model.registry_root of the settings)")
     model_name: str | None = Field(None, description="registry model name (default: model.model_name)")
-    gate_metric: str = Field("val.student.R@1", description="metric that must beat production's")
-    gate_min_delta: float = Field(0.0, description="how much higher than production it must be")
+    gate_metric: str = Field("val.student.R@1", description="val metric that must beat production's")
+    gate_min_delta: float = Field(0.0, ge=0, description="the least margin over production (points)")
+    gate_se_k: float = Field(
+        1.0, ge=0, description="the margin is max(gate_min_delta, gate_se_k x the metric's bootstrap standard "
+        "error over val queries), so a win within the noise of the val set is not a win")
+    gate_rerank_metric: str | None = Field(
+        "auto", description="re-ranked val metric that must not drop below production's by more than its "
+        "margin; auto: val.rerank@20.R@1 when evaluate.rerank_k has 20, else skipped; null: off")
     reindex: Literal["auto", "always", "never"] = Field(
         "auto", description="build videos__<new> and flip the alias after publishing (auto: when an index is live)")
+
+    # The gate picks a model, so it may only read val: a test.* gate would tune the release
+    # to the test split, and the test numbers would no longer be held out.
+    @field_validator("gate_metric", "gate_rerank_metric")
+    @classmethod
+    def _val_only(cls, value: str | None, info: Any) -> str | None:
+        if value is None or (info.field_name == "gate_rerank_metric" and value == "auto"):
+            return value
+        if not value.startswith("val."):
+            raise ValueError(f"{value!r} is not a val metric; the gate reads only val.* (test.* stays held out)")
+        if value.endswith((".MdR", ".MnR")):
+            # The gate asks for higher values; a rank would read better as it got worse.
+            raise ValueError(f"{value!r} is a rank (lower is better); gate on R@k instead")
+        return value
 
 
 class RunConfig(_Section):

@@ -25,6 +25,7 @@ from .config import RunConfig
 from .datasets import DatasetSource, TrainingVideo, data_hash, load_dataset, split_videos, trusting_dataset_root
 from .errors import TrainingError
 from .frames import build_cache
+from .gate import val_data_hash
 from .index_frames import cache_index_frames
 from .worker import FINAL_DIR, train_loop
 
@@ -43,6 +44,12 @@ class TrainResult:
     data_hash: str
     parent_frame_encoder: str
     data_info: dict[str, Any]
+    # sha256 of the val split's (video_id, captions) (gate.val_data_hash): the gate compares
+    # against production's recorded metrics only when production's hash is the same.
+    val_data_hash: str | None = None
+    # The serving fusion weight the run's rerank rows were computed with; the gate
+    # re-evaluates production with the same one.
+    beta: float | None = None
 
 
 def _model_config(cfg: RunConfig, settings: Settings) -> tuple[Any, Any, Path | None, str | None]:
@@ -89,10 +96,11 @@ def prepare_data(cfg: RunConfig, settings: Settings, image_size: int, num_frames
         splits["train"] = splits["train"][:cfg.data.max_videos]
     if len(splits["train"]) < 2:
         raise TrainingError(f"the train split has {len(splits['train'])} video(s); contrastive training needs >= 2")
-    gate_split = cfg.publish.gate_metric.split(".", 1)[0]
-    if cfg.publish.enabled and gate_split in ("val", "test") and not splits[gate_split]:
-        raise TrainingError(f"publish.gate_metric {cfg.publish.gate_metric!r} needs a {gate_split} split, "
-                            f"and the dataset has none")
+    # The config allows only val.* gate metrics (PublishSection), so the gate needs a val split.
+    if cfg.publish.enabled and (not splits["val"] or "val" not in cfg.evaluate.splits):
+        raise TrainingError(f"publish.gate_metric {cfg.publish.gate_metric!r} needs an evaluated val split, "
+                            f"and the dataset has {len(splits['val'])} val video(s) "
+                            f"(evaluate.splits: {', '.join(cfg.evaluate.splits) or 'none'})")
     cache_dir = Path(cfg.run_dir) / "cache"
     threads = max(1, min(8, os.cpu_count() or 1))
     data: dict[str, Any] = {}
@@ -182,7 +190,8 @@ def run_training(cfg: RunConfig, settings: Settings, *, progress: bool = True, l
     return TrainResult(run_dir=run_dir, config=cfg, model_config=model_config.to_dict(),
                        weights=final / "model.safetensors", frame_encoder=result["frame_encoder"],
                        metrics=result["metrics"], logs=json.loads((final / "logs.json").read_text()),
-                       data_hash=digest, parent_frame_encoder=model.frame_encoder_id, data_info=_data_info(cfg))
+                       data_hash=digest, parent_frame_encoder=model.frame_encoder_id, data_info=_data_info(cfg),
+                       val_data_hash=val_data_hash(data["val"]) if "val" in data else None, beta=settings.serve.beta)
 
 
 def _data_info(cfg: RunConfig) -> dict[str, Any]:

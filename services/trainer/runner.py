@@ -93,23 +93,37 @@ def _save(ctx: StageContext, name: str, model: nn.Module, optimizer: torch.optim
         for key, value in state.items():
             if torch.is_tensor(value):
                 tensors[f"optim.{index}.{key}"] = value.detach().cpu().contiguous().clone()
-    meta = {"step": step, "done": done, "log": stage_log.to_dict(), "param_groups": opt_state["param_groups"]}
-    # Weights first, then the JSON that names them: a kill between the two leaves the
-    # previous checkpoint's JSON, which still matches the previous weights' step.
-    tmp = where / "state.safetensors.tmp"
+    # The weights go to a file named by their step, and only then does state.json (replaced
+    # atomically) name that file: a kill at any point leaves state.json naming weights of its
+    # own step, never newer ones. Older weight files are deleted only after the switch.
+    weights = f"state-{step}.safetensors"
+    meta = {"step": step, "done": done, "weights": weights, "log": stage_log.to_dict(),
+            "param_groups": opt_state["param_groups"]}
+    tmp = where / f"{weights}.tmp"
     save_file(tensors, str(tmp))
-    tmp.replace(where / "state.safetensors")
+    tmp.replace(where / weights)
     (where / "state.json.tmp").write_text(json.dumps(meta))
     (where / "state.json.tmp").replace(where / "state.json")
+    for old in [*where.glob("state-*.safetensors"), *where.glob("state-*.safetensors.tmp"), where / "state.safetensors"]:
+        if old.name != weights:
+            old.unlink(missing_ok=True)
 
 
 def load_stage_state(ctx: StageContext, name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+    """(state.json, the weights it names), or None before the stage's first checkpoint.
+
+    Run directories written before step-named weight files have ``state.safetensors``
+    and no ``weights`` key; they still load.
+    """
     where = _stage_dir(ctx, name)
     if not (where / "state.json").is_file():
         return None
     meta = json.loads((where / "state.json").read_text())
-    tensors = load_file(str(where / "state.safetensors"))
-    return meta, tensors
+    weights = where / meta.get("weights", "state.safetensors")
+    if not weights.is_file():
+        raise TrainingError(f"checkpoint {where / 'state.json'} names {weights.name}, which is missing; "
+                            f"delete {where} to restart stage {name}")
+    return meta, load_file(str(weights))
 
 
 def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any],
