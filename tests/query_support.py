@@ -59,7 +59,7 @@ def write_test_clip(path: Path, index: int) -> Path:
 
 
 def base_settings(*, bootstrap: str, store_path: Path, video_root: Path, registry: Path, alias: str,
-                  grpc_port: int = 50051, **serve: Any) -> Settings:
+                  grpc_port: int = 50051, preset: str = "tiny", **serve: Any) -> Settings:
     suffix = uuid.uuid4().hex[:8]
     serve_fields = {"grpc_port": grpc_port, "app_name": f"vidsearch-{suffix}",
                     "reranker_app_name": f"vidsearch-reranker-{suffix}", "alias_poll_s": 0.5,
@@ -76,7 +76,7 @@ def base_settings(*, bootstrap: str, store_path: Path, video_root: Path, registr
         store=StoreSettings(path=str(store_path), alias=alias, timeout_s=20.0, filter_fields=FILTER_FIELDS),
         decode=DecodeSettings(allowed_prefixes=[str(video_root)], max_bytes=2_000_000, max_duration_s=30.0,
                               max_pixels=320 * 240),
-        model=ModelSettings(preset="tiny", registry_root=str(registry), device="cpu"),
+        model=ModelSettings(preset=preset, registry_root=str(registry), device="cpu"),
         ingest=IngestSettings(encoder_actors=1, metrics_port=0, retry_initial_s=0.1, retry_max_s=1.0,
                               encoder_batch_frames=64, shutdown_grace_s=20.0),
         serve=ServeSettings(**serve_fields),
@@ -157,19 +157,15 @@ def ingest_through_broker(settings: Settings, bodies: list[dict[str, Any]]) -> t
         worker.close()  # also frees the encoder actor's CPU for the Serve replicas
 
 
-@pytest.fixture(scope="session")
-def query_data(ray_local, broker, tmp_path_factory) -> QueryData:
-    """NUM_VIDEOS clips produced to Kafka and ingested by a real IngestWorker, indexed
-    with a published model version (see publish_reranking_version)."""
+def ingest_query_data(settings: Settings, root: Path, num_videos: int = NUM_VIDEOS) -> QueryData:
+    """``num_videos`` clips written under ``root``, produced to Kafka and ingested by a real
+    IngestWorker, indexed with a published version of ``settings.model.preset`` (see
+    publish_reranking_version)."""
     from vidsearch.store import open_store
 
-    root = tmp_path_factory.mktemp("query-videos")
-    settings = base_settings(bootstrap=broker.bootstrap, store_path=tmp_path_factory.mktemp("query-store"),
-                             video_root=root, registry=tmp_path_factory.mktemp("query-registry"),
-                             alias="videos")
     published = publish_reranking_version(settings)
     metadata = {}
-    for i in range(NUM_VIDEOS):
+    for i in range(num_videos):
         video_id = f"vid-{i:02d}"
         write_test_clip(root / f"{video_id}.mp4", i)
         metadata[video_id] = video_metadata(i)
@@ -178,12 +174,23 @@ def query_data(ray_local, broker, tmp_path_factory) -> QueryData:
     collection, version = ingest_through_broker(settings, bodies)
     assert version == published
     store = open_store(settings)
-    assert store.resolve_alias("videos") == collection
+    assert store.resolve_alias(settings.store.alias) == collection
     stored = store.get(collection, list(metadata))
-    assert len(stored) == NUM_VIDEOS
+    assert len(stored) == num_videos
     durations = {v.video_id: float(v.payload["duration_s"]) for v in stored}
     return QueryData(settings=settings, video_root=root, collection=collection, model_version=version,
                      metadata=metadata, durations=durations)
+
+
+@pytest.fixture(scope="session")
+def query_data(ray_local, broker, tmp_path_factory) -> QueryData:
+    """NUM_VIDEOS clips produced to Kafka and ingested by a real IngestWorker, indexed
+    with a published model version (see publish_reranking_version)."""
+    root = tmp_path_factory.mktemp("query-videos")
+    settings = base_settings(bootstrap=broker.bootstrap, store_path=tmp_path_factory.mktemp("query-store"),
+                             video_root=root, registry=tmp_path_factory.mktemp("query-registry"),
+                             alias="videos")
+    return ingest_query_data(settings, root)
 
 
 # --------------------------------------------------------------------------- serving
