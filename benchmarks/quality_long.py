@@ -39,6 +39,7 @@ class Point:
     vector: np.ndarray  # float32[D], L2-normalised
     frames: np.ndarray  # float32[T, D]
     timestamps: list[float]
+    regions: np.ndarray | None = None  # float32[T, G, W] when the version's scorer reads region tokens
 
 
 def long_dataset(root: Path) -> Path:
@@ -61,11 +62,12 @@ def index_points(encoder: Any, decode: Any, records: list) -> list[Point]:
     for record in records:
         decoded = decode_segments(record.uri, decode, num_frames=frames_per_video(decode, info),
                                   resize_to=info.image_size)
-        [(vectors, frames)] = encoder.encode_segments(decoded.frames, windows=[decoded.frame_index])
+        [(vectors, frames, regions)] = encoder.encode_segments(decoded.frames, windows=[decoded.frame_index])
         for window, index, vector in zip(decoded.windows, decoded.frame_index, vectors):
             points.append(Point(record.video_id, window.index, window.start_s, window.end_s,
                                 vector / max(float(np.linalg.norm(vector)), 1e-12), frames[list(index)],
-                                [float(decoded.timestamps[i]) for i in index]))
+                                [float(decoded.timestamps[i]) for i in index],
+                                None if regions is None else regions[list(index)]))
     return points
 
 
@@ -91,12 +93,12 @@ def search(model: Any, version: str, points: list[Point], query: str, *, recall_
             payload = {"video_id": point.video_id, "frame_timestamps": point.timestamps, "segment": point.segment,
                        "segment_count": counts[point.video_id], "start_s": point.start_s, "end_s": point.end_s}
             groups.setdefault(point.video_id, []).append(Hit(point.video_id, float(scores[index]), payload,
-                                                             point.frames))
+                                                             point.frames, regions=point.regions))
     candidates = pad_groups(list(groups.values())[:recall_k])
     rerank_scores = relevance = None
     if rerank:
         [(rerank_scores, relevance)] = score_requests(
-            model, [RerankRequest(query, candidates.frames, candidates.mask, version)])
+            model, [RerankRequest(query, candidates.frames, candidates.mask, version, regions=candidates.regions)])
     return build_results(candidates, text, top_k, beta, rerank_scores, relevance,
                          max_payload_bytes=1 << 20, max_response_bytes=1 << 24)
 

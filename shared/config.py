@@ -77,6 +77,9 @@ class StoreSettings(_Section):
     alias: str = Field("videos", description='alias that names the live collection')
     upsert_batch: int = Field(64, ge=1, description='points per upsert request')
     timeout_s: float = Field(30.0, gt=0, description='per-request timeout against the store')
+    region_dtype: Literal["uint8", "float16", "float32"] = Field(
+        "uint8", description="how a point's region tokens (the spatial re-ranker's view) are stored: uint8 "
+        "codes (1 byte a value), float16 or float32; a Qdrant server stores that datatype, local mode float32")
     keep_collections: int = Field(2, ge=2, description="index collections (`videos__<version>`) kept after a re-index; "
                                   "older ones are dropped, never the live one or its rollback target")
     reindex_grace_s: float = Field(10.0, ge=0, description="after a re-index flips the alias, how long it keeps copying "

@@ -34,6 +34,8 @@ from .config import Settings, StoreSettings
 from .store_schema import (
     ALIAS,
     FRAMES_VECTOR,
+    REGION_CODEC_FIELD,
+    REGIONS_VECTOR,
     VIDEO_VECTOR,
     FilterError,
     FilterSchema,
@@ -47,6 +49,8 @@ from .store_schema import (
     as_vector,
     build_payload,
     collection_name,
+    decode_regions,
+    encode_regions,
     model_version_of,
     point_id,
 )
@@ -143,19 +147,30 @@ def _video_of(vector: Any) -> np.ndarray | None:
     return None if video is None else np.asarray(video, dtype=np.float32)
 
 
+def _regions_of(vector: Any, payload: dict[str, Any], frames: np.ndarray | None) -> np.ndarray | None:
+    rows = vector.get(REGIONS_VECTOR) if isinstance(vector, dict) else None
+    if rows is None or frames is None:
+        return None
+    return decode_regions(rows, frames.shape[0], str(payload.get(REGION_CODEC_FIELD, "float32")))
+
+
 def _hit(point: Any, video_id: str, with_frames: bool) -> Hit:
-    return Hit(video_id=(point.payload or {}).get("video_id", video_id), score=float(point.score),
-               payload=point.payload or {}, frames=_frames_of(point.vector) if with_frames else None,
-               video=_video_of(point.vector) if with_frames else None)
+    payload = point.payload or {}
+    frames = _frames_of(point.vector) if with_frames else None
+    return Hit(video_id=payload.get("video_id", video_id), score=float(point.score),
+               payload=payload, frames=frames, video=_video_of(point.vector) if with_frames else None,
+               regions=_regions_of(point.vector, payload, frames) if with_frames else None)
 
 
 def _stored(record: Any, with_vectors: bool) -> StoredVideo:
     payload = record.payload or {}
+    frames = _frames_of(record.vector) if with_vectors else None
     return StoredVideo(
         video_id=payload.get("video_id", str(record.id)),
         payload=payload,
         video_vector=_video_of(record.vector) if with_vectors else None,
-        frames=_frames_of(record.vector) if with_vectors else None,
+        frames=frames,
+        regions=_regions_of(record.vector, payload, frames) if with_vectors else None,
     )
 
 
@@ -174,20 +189,25 @@ class QdrantStore:
         self._stats = {"upsert_requests": 0, "points_written": 0, "delete_requests": 0, "queries": 0}
 
     # ------------------------------------------------------------------ collections
-    def ensure_collection(self, name: str, dim: int, frame_dim: int) -> bool:
+    def ensure_collection(self, name: str, dim: int, frame_dim: int, region_dim: int | None = None) -> bool:
         """Create the collection and its payload indexes if missing; True if created.
 
-        An existing collection must have the same layout (else StoreError): silently
-        writing 512-d vectors into a 256-d index would fail on every upsert later.
+        ``region_dim``: also a ``regions`` multivector of that width (for a model whose
+        scorer reads region tokens). An existing collection must have the same layout
+        (else StoreError): silently writing 512-d vectors into a 256-d index would fail on
+        every upsert later, and a spatial re-ranker needs the regions it was built for.
         """
         from qdrant_client import models
 
         dim, frame_dim = _positive_int("dim", dim), _positive_int("frame_dim", frame_dim)
+        if region_dim is not None:
+            region_dim = _positive_int("region_dim", region_dim)
         created = False
+        extra = {} if region_dim is None else {REGIONS_VECTOR: self._regions_params(region_dim)}
         with _translated(name):
             if not self.client.collection_exists(name):
                 try:
-                    self.client.create_collection(name, vectors_config={
+                    self.client.create_collection(name, vectors_config={**extra, 
                         VIDEO_VECTOR: models.VectorParams(size=dim, distance=models.Distance.COSINE),
                         FRAMES_VECTOR: models.VectorParams(
                             size=frame_dim, distance=models.Distance.COSINE,
@@ -202,14 +222,26 @@ class QdrantStore:
                     if "already exists" not in str(exc):
                         raise
             info = self.client.get_collection(name)
-        self._check_layout(name, info, dim, frame_dim)
+        self._check_layout(name, info, dim, frame_dim, region_dim)
         self._ensure_indexes(name, info)
         if created:
-            log_event(log, "collection created", collection=name, dim=dim, frame_dim=frame_dim)
+            log_event(log, "collection created", collection=name, dim=dim, frame_dim=frame_dim,
+                      region_dim=region_dim, region_dtype=self.settings.region_dtype if region_dim else None)
         return created
 
+    def _regions_params(self, region_dim: int) -> Any:
+        from qdrant_client import models
+
+        datatype = {"uint8": models.Datatype.UINT8, "float16": models.Datatype.FLOAT16,
+                    "float32": models.Datatype.FLOAT32}[self.settings.region_dtype]
+        # Read back only for the top-K, never searched: no HNSW graph, the compact datatype.
+        return models.VectorParams(size=region_dim, distance=models.Distance.DOT, datatype=datatype,
+                                   multivector_config=models.MultiVectorConfig(
+                                       comparator=models.MultiVectorComparator.MAX_SIM),
+                                   hnsw_config=models.HnswConfigDiff(m=0))
+
     @staticmethod
-    def _check_layout(name: str, info: Any, dim: int, frame_dim: int) -> None:
+    def _check_layout(name: str, info: Any, dim: int, frame_dim: int, region_dim: int | None = None) -> None:
         vectors = info.config.params.vectors
         video = vectors.get(VIDEO_VECTOR) if isinstance(vectors, dict) else None
         frames = vectors.get(FRAMES_VECTOR) if isinstance(vectors, dict) else None
@@ -219,6 +251,12 @@ class QdrantStore:
             raise StoreError(f"collection {name!r} exists with another layout (video dim {have[0]}, "
                              f"frames dim {have[1]}, multivector {have[2] is not None}); "
                              f"wanted video dim {dim}, frames dim {frame_dim}")
+        if region_dim is not None:
+            regions = vectors.get(REGIONS_VECTOR) if isinstance(vectors, dict) else None
+            if getattr(regions, "size", None) != region_dim:
+                raise StoreError(f"collection {name!r} has no {region_dim}-d region tokens (found "
+                                 f"{getattr(regions, 'size', None)}); the model's re-ranker reads them: "
+                                 f"re-index with 'vidsearch reindex' into a new collection")
 
     def _ensure_indexes(self, name: str, info: Any) -> None:
         from qdrant_client import models
@@ -286,12 +324,14 @@ class QdrantStore:
         for point in points:
             if not isinstance(point, VideoPoint):
                 raise TypeError(f"expected VideoPoint, got {type(point).__name__}")
-            structs.append(models.PointStruct(
-                id=point_id(point.video_id, point.segment),
-                vector={VIDEO_VECTOR: point.video_vector.tolist(), FRAMES_VECTOR: point.frames.tolist()},
-                # video_id is what reads map back from; it's always in the payload.
-                payload={**point.payload, "video_id": point.video_id},
-            ))
+            vector = {VIDEO_VECTOR: point.video_vector.tolist(), FRAMES_VECTOR: point.frames.tolist()}
+            payload = {**point.payload, "video_id": point.video_id}
+            if point.regions is not None:
+                vector[REGIONS_VECTOR] = encode_regions(point.regions, self.settings.region_dtype).tolist()
+                payload[REGION_CODEC_FIELD] = self.settings.region_dtype
+            # video_id is what reads map back from; it's always in the payload.
+            structs.append(models.PointStruct(id=point_id(point.video_id, point.segment), vector=vector,
+                                              payload=payload))
         if not structs:
             return 0
         with _translated(collection):
@@ -340,6 +380,8 @@ class QdrantStore:
                                wait=True)
         self._stats["delete_requests"] += 1
 
+    # Reads that want vectors ask for every named vector a collection has (with_vectors=True):
+    # region tokens come along where a collection stores them, and nothing changes elsewhere.
     def get(self, collection: str, video_ids: Iterable[str], with_vectors: bool = False) -> list[StoredVideo]:
         """The stored videos among ``video_ids``, in the order asked; missing ones are left out."""
         ids = [point_id(v) for v in _video_ids(video_ids)]
@@ -347,7 +389,7 @@ class QdrantStore:
             return []
         with _translated(collection):
             records = self.client.retrieve(collection, ids=ids, with_payload=True,
-                                           with_vectors=[VIDEO_VECTOR, FRAMES_VECTOR] if with_vectors else False)
+                                           with_vectors=bool(with_vectors))
         by_id = {str(r.id): r for r in records}
         return [_stored(by_id[i], with_vectors) for i in ids if i in by_id]
 
@@ -365,7 +407,7 @@ class QdrantStore:
             while True:
                 page, offset = self.client.scroll(
                     collection, scroll_filter=wanted, limit=MAX_QUERY_LIMIT, offset=offset, with_payload=True,
-                    with_vectors=[VIDEO_VECTOR, FRAMES_VECTOR] if with_vectors else False)
+                    with_vectors=bool(with_vectors))
                 records.extend(page)
                 if offset is None:
                     break
@@ -382,7 +424,7 @@ class QdrantStore:
         with _translated(collection):
             response = self.client.query_points(
                 collection, query=query.tolist(), using=VIDEO_VECTOR, limit=limit, query_filter=query_filter,
-                with_payload=True, with_vectors=[FRAMES_VECTOR, VIDEO_VECTOR] if with_frames else False)
+                with_payload=True, with_vectors=bool(with_frames))
         self._stats["queries"] += 1
         return [_hit(p, str(p.id), with_frames) for p in response.points]
 
@@ -402,7 +444,7 @@ class QdrantStore:
             response = self.client.query_points_groups(
                 collection, group_by="video_id", query=query.tolist(), using=VIDEO_VECTOR, limit=limit,
                 group_size=group_size, query_filter=query_filter, with_payload=True,
-                with_vectors=[FRAMES_VECTOR, VIDEO_VECTOR] if with_frames else False)
+                with_vectors=bool(with_frames))
         self._stats["queries"] += 1
         return [[_hit(p, str(group.id), with_frames) for p in group.hits] for group in response.groups if group.hits]
 
@@ -417,7 +459,7 @@ class QdrantStore:
         with _translated(collection):
             records, next_offset = self.client.scroll(
                 collection, limit=batch_size, offset=offset, with_payload=True,
-                with_vectors=[VIDEO_VECTOR, FRAMES_VECTOR] if with_vectors else False)
+                with_vectors=bool(with_vectors))
         return [_stored(r, with_vectors) for r in records], next_offset
 
     # ------------------------------------------------------------------ lifecycle
@@ -585,8 +627,8 @@ class VectorStore:
     def _call(self, op: str, *args: Any, **kwargs: Any) -> Any:
         return self._backend.call(op, *args, **kwargs)
 
-    def ensure_collection(self, name: str, dim: int, frame_dim: int) -> bool:
-        return self._call("ensure_collection", name, dim, frame_dim)
+    def ensure_collection(self, name: str, dim: int, frame_dim: int, region_dim: int | None = None) -> bool:
+        return self._call("ensure_collection", name, dim, frame_dim, region_dim)
 
     def resolve_alias(self, alias: str | None = None) -> str | None:
         """The collection ``alias`` (default: the configured one) points at, or None."""

@@ -8,7 +8,9 @@ service and the trainer agree on the contract without opening a store:
 - one point per segment of a video (one for a short video): point id =
   uuid5(:data:`POINT_NAMESPACE`, video_id) for segment 0, uuid5(:data:`SEGMENT_NAMESPACE`,
   f"{video_id}#{k}") for segment k, so a redelivered message overwrites the same points;
-- named vector ``video`` (cosine) and multivector ``frames`` (cosine, MAX_SIM);
+- named vector ``video`` (cosine) and multivector ``frames`` (cosine, MAX_SIM); for a
+  model whose slow scorer reads them, multivector ``regions`` (the region tokens, T x G
+  rows, kept out of any ANN index, stored compactly: see :func:`encode_regions`);
 - payload: video_id, uri, metadata, frame_timestamps, duration_s, ingested_at,
   frame_encoder, model_version, and the segment fields segment, segment_count,
   start_s, end_s.
@@ -34,6 +36,16 @@ ALIAS: str = StoreSettings().alias
 COLLECTION_SEP = "__"
 VIDEO_VECTOR = "video"
 FRAMES_VECTOR = "frames"
+REGIONS_VECTOR = "regions"
+# Private payload field (never returned to clients): how the point's regions are coded.
+REGION_CODEC_FIELD = "_region_codec"
+REGION_CODECS = ("uint8", "float16", "float32")
+# Payload field naming what computed a point's region tokens (VideoTextModel.region_encoder_id):
+# a re-index keeps them only for a model with the same one.
+REGION_ENCODER_FIELD = "region_encoder"
+# uint8 codes cover +-REGION_UINT8_RANGE / sqrt(W) per component of a unit W-vector (a unit
+# vector's components are ~N(0, 1/W)): 4 standard deviations, in 255 steps.
+REGION_UINT8_RANGE = 4.0
 
 # Fixed forever: changing it would re-key every stored point (duplicates on re-ingest).
 POINT_NAMESPACE = uuid.UUID("6c0b5a3e-2f4d-5b8e-9a51-7d3c2e1f0a94")
@@ -214,6 +226,36 @@ def segment_span(payload: Mapping[str, Any]) -> SegmentSpan:
     return SegmentSpan(int(segment), int(count), float(start), float(end))
 
 
+def encode_regions(regions: np.ndarray, codec: str) -> np.ndarray:
+    """float32[T,G,W] unit region tokens -> the [T*G, W] rows stored in the ``regions`` multivector.
+
+    ``uint8``: each component as an integer code 0..255 over +-REGION_UINT8_RANGE/sqrt(W)
+    (a Qdrant server stores them as uint8: 1 byte a value); ``float16``/``float32`` as is.
+    """
+    if codec not in REGION_CODECS:
+        raise ValueError(f"region codec {codec!r}: expected one of {', '.join(REGION_CODECS)}")
+    regions = as_vector("regions", regions, 3)
+    rows = regions.reshape(-1, regions.shape[-1])
+    if codec == "uint8":
+        span = REGION_UINT8_RANGE / math.sqrt(rows.shape[-1])
+        return np.clip(np.rint((rows / span + 1.0) * 127.5), 0, 255).astype(np.float32)
+    if codec == "float16":
+        return rows.astype(np.float16).astype(np.float32)
+    return rows
+
+
+def decode_regions(rows: np.ndarray, num_frames: int, codec: str) -> np.ndarray:
+    """The stored ``regions`` rows of a point with ``num_frames`` frames -> float32[T,G,W]."""
+    rows = np.asarray(rows, dtype=np.float32)
+    if rows.ndim != 2 or num_frames <= 0 or rows.shape[0] % num_frames:
+        raise ValueError(f"stored regions of shape {rows.shape} do not split into {num_frames} frames")
+    if codec == "uint8":
+        rows = (rows / 127.5 - 1.0) * (REGION_UINT8_RANGE / math.sqrt(rows.shape[-1]))
+    elif codec not in REGION_CODECS:
+        raise ValueError(f"stored regions have unknown codec {codec!r}")
+    return rows.reshape(num_frames, rows.shape[0] // num_frames, rows.shape[-1])
+
+
 @dataclass(frozen=True)
 class VideoPoint:
     """One point to write (a video, or one segment of a long video): aggregated
@@ -223,12 +265,17 @@ class VideoPoint:
     video_vector: np.ndarray  # float32[D]
     frames: np.ndarray  # float32[T, D_frame]
     payload: dict[str, Any] = field(default_factory=dict)
+    regions: np.ndarray | None = None  # float32[T, G, W]: region tokens, for a spatial scorer
 
     def __post_init__(self) -> None:
         if not isinstance(self.video_id, str):
             raise ValueError(f"video_id must be a string, got {type(self.video_id).__name__}")
         object.__setattr__(self, "video_vector", as_vector("video_vector", self.video_vector, 1))
         object.__setattr__(self, "frames", as_vector("frames", self.frames, 2))
+        if self.regions is not None:
+            object.__setattr__(self, "regions", as_vector("regions", self.regions, 3))
+            if self.regions.shape[0] != self.frames.shape[0]:
+                raise ValueError(f"{self.regions.shape[0]} frames of regions for {self.frames.shape[0]} frames")
         if not isinstance(self.payload, dict):
             raise ValueError(f"payload must be a dict, got {type(self.payload).__name__}")
         if self.payload.get("video_id", self.video_id) != self.video_id:
@@ -258,6 +305,7 @@ class StoredVideo:
     payload: dict[str, Any]
     video_vector: np.ndarray | None = None
     frames: np.ndarray | None = None
+    regions: np.ndarray | None = None  # float32[T, G, W] when the point has region tokens
 
 
 @dataclass
@@ -271,6 +319,7 @@ class Hit:
     payload: dict[str, Any]
     frames: np.ndarray | None = None
     video: np.ndarray | None = None
+    regions: np.ndarray | None = None  # float32[T, G, W] when the point has region tokens
 
 
 # --------------------------------------------------------------------------- filters

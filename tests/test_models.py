@@ -74,7 +74,7 @@ def test_every_preset_loads_and_round_trips():
         assert ModelConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
         assert config_hash(config) == config_hash(ModelConfig.from_dict(config.to_dict()))
     assert load_model_config("vit-b-32").head.kind == "meanP"
-    assert load_model_config("vit-b-32").scorer.kind == "cross"
+    assert load_model_config("vit-b-32").scorer.kind == "spatial"  # its own 3x3 region view per frame
 
 
 def test_config_from_json_path(tmp_path):

@@ -57,9 +57,10 @@ def pearson_distance_rows(student: np.ndarray, teacher: np.ndarray, temperature:
 
 
 def hand_cgt(student: np.ndarray, teacher: np.ndarray, temperature: float = 1.0) -> float:
+    # TeachCLIP sums the two directions (its train.py: rows.mean() + cols.mean()).
     rows = pearson_distance_rows(student, teacher, temperature)
     cols = pearson_distance_rows(student.T, teacher.T, temperature)
-    return 0.5 * (rows + cols)
+    return rows + cols
 
 
 # ---------------------------------------------------------------- InfoNCE
@@ -171,7 +172,7 @@ def test_phrase_infonce_leaves_out_interchangeable_phrases_as_negatives():
         phrase_infonce(text, video, scale, same[:3])
 
 
-def test_cgt_loss_is_the_pearson_distance_of_softmax_rows_and_columns():
+def test_cgt_loss_is_the_sum_of_the_pearson_distances_of_softmax_rows_and_columns():
     student = LOGITS
     teacher = np.array([[1.0, 0.2, 0.1, -0.3],
                         [0.4, 2.0, -1.0, 0.0],
@@ -180,7 +181,7 @@ def test_cgt_loss_is_the_pearson_distance_of_softmax_rows_and_columns():
     rows = pearson_distance_rows(student, teacher, 1.0)
     cols = pearson_distance_rows(student.T, teacher.T, 1.0)
     assert abs(rows - cols) > 0.01  # columns are a different term, not a copy of the rows
-    assert float(cgt_loss(t(student), t(teacher))) == pytest.approx(0.5 * (rows + cols), rel=1e-4)
+    assert float(cgt_loss(t(student), t(teacher))) == pytest.approx(rows + cols, rel=1e-4)
     assert float(cgt_loss(t(student), t(teacher), temperature=0.5)) == pytest.approx(
         hand_cgt(student, teacher, 0.5), rel=1e-4)
 
@@ -224,13 +225,15 @@ WEIGHTS = np.array([[0.25, 0.25, 0.25, 0.25], [0.6, 0.3, 0.1, 0.0]])
 
 
 def hand_fgt(weights: np.ndarray, relevance: np.ndarray, mask: np.ndarray, temperature: float) -> float:
-    total = 0.0
+    # TeachCLIP averages -target * log(weight) over all B x T (valid) elements.
+    total, count = 0.0, 0
     for w_row, r_row, m_row in zip(weights.tolist(), relevance.tolist(), mask.tolist()):
         valid = [i for i, m in enumerate(m_row) if m]
         powered = {i: r_row[i] ** (1.0 / temperature) for i in valid}  # softmax(log r / T) = r^(1/T) / sum
         norm = sum(powered.values())
         total += -sum(powered[i] / norm * math.log(w_row[i]) for i in valid)
-    return total / len(weights)
+        count += len(valid)
+    return total / count
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])

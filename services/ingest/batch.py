@@ -47,6 +47,7 @@ class Encoded:
     height: int
     fps: float | None
     codec: str
+    regions: np.ndarray | None = None  # float32 [N, G, W]: region tokens of the distinct frames
 
     @property
     def segment_count(self) -> int:
@@ -62,7 +63,8 @@ class Encoded:
         for k, ((start, end), index) in enumerate(zip(self.windows, self.frame_index)):
             rows = list(index)
             points.append(VideoPoint(video_id, self.segment_vectors[k], self.frames[rows], segment_payload(
-                payload, k, self.segment_count, start, end, stamps[rows])))
+                payload, k, self.segment_count, start, end, stamps[rows]),
+                regions=None if self.regions is None else self.regions[rows]))
         return points
 
 

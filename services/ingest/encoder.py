@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import ray
@@ -85,6 +85,15 @@ def decode_frames(uri: str, settings: DecodeSettings, num_frames: int, resize_to
     return meta, video.frames
 
 
+class EncodedVideo(NamedTuple):
+    """One video's encoder output: a vector per segment, its distinct frames, and (for a model
+    whose scorer reads them) each frame's region tokens."""
+
+    vectors: np.ndarray  # float32[S, D]
+    frames: np.ndarray  # float32[N, D]
+    regions: np.ndarray | None  # float32[N, G, W]
+
+
 @dataclass(frozen=True)
 class EncoderInfo:
     """What the driver needs to know about the serving model, without loading it."""
@@ -96,6 +105,8 @@ class EncoderInfo:
     num_frames: int  # frames per video the model was configured with
     max_frames: int  # most frames the head and scorer can take
     device: str
+    region_dim: int | None = None  # width of the region tokens the model's scorer reads (None: none)
+    region_encoder: str | None = None  # what fixes them (VideoTextModel.region_encoder_id)
 
 
 def frames_per_video(decode: DecodeSettings, info: EncoderInfo) -> int:
@@ -182,7 +193,9 @@ class FrameEncoder:
         return EncoderInfo(
             model_version=version or self.version, frame_encoder_id=model.frame_encoder_id,
             embed_dim=int(model.embed_dim), image_size=int(size if isinstance(size, int) else max(size)),
-            num_frames=int(config.num_frames), max_frames=int(min(limits)), device=str(model.device))
+            num_frames=int(config.num_frames), max_frames=int(min(limits)), device=str(model.device),
+            region_dim=int(model.region_width) if model.uses_regions else None,
+            region_encoder=model.region_encoder_id)
 
     def prepare(self, version: str) -> EncoderInfo:
         """Load ``version`` now (before a worker switches to it) and describe it."""
@@ -199,16 +212,18 @@ class FrameEncoder:
         at a time, so small videos still fill the device.
         """
         windows = [(tuple(range(int(v.shape[0]))),) for v in videos]
-        return [(vectors[0], frames) for vectors, frames in self.encode_segments(*videos, windows=windows,
-                                                                                 version=version)]
+        return [(out.vectors[0], out.frames) for out in self.encode_segments(*videos, windows=windows,
+                                                                             version=version)]
 
     def encode_segments(self, *videos: np.ndarray, windows: list[tuple[tuple[int, ...], ...]],
-                        version: str | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+                        version: str | None = None) -> list[EncodedVideo]:
         """Distinct frames of several videos, and per video the frame indices of each of
-        its segments -> per video (segment_vectors[S,D], frames[N,D]), float32.
+        its segments -> per video an EncodedVideo (segment vectors [S,D], frames [N,D] and,
+        when the version's scorer reads them, region tokens [N,G,W]), float32.
 
         Every distinct frame goes through the image tower once (overlapping segments
-        share frames); the head then aggregates each segment from its own frames.
+        share frames), region tokens come from the same pass; the head then aggregates
+        each segment from its own frames.
         """
         torch = self._torch
         model = self._model(version)
@@ -218,10 +233,12 @@ class FrameEncoder:
         with torch.inference_mode():
             # Preprocess per video: videos may differ in aspect ratio, the output never does.
             pixels = torch.cat([model.preprocess(v) for v in videos])
-            chunks = [model.encode_frames(pixels[i:i + self.batch_frames])
+            chunks = [model.encode_frames_and_regions(pixels[i:i + self.batch_frames])
                       for i in range(0, pixels.shape[0], self.batch_frames)]
-            features = torch.cat(chunks)
+            features = torch.cat([frames for frames, _ in chunks])
             per_video = list(torch.split(features, counts))
+            regions = (list(torch.split(torch.cat([cells for _, cells in chunks]), counts))
+                       if model.uses_regions else [None] * len(videos))
             rows = [(v, index) for v, segments in enumerate(windows) for index in segments]
             longest = max(len(index) for _, index in rows)
             padded = features.new_zeros((len(rows), longest, features.shape[-1]))
@@ -232,7 +249,8 @@ class FrameEncoder:
             vectors = model.aggregate(padded, mask).float().cpu().numpy()
         out, start = [], 0
         for v, segments in enumerate(windows):
-            out.append((vectors[start:start + len(segments)], per_video[v].float().cpu().numpy()))
+            cells = None if regions[v] is None else regions[v].float().cpu().numpy()
+            out.append(EncodedVideo(vectors[start:start + len(segments)], per_video[v].float().cpu().numpy(), cells))
             start += len(segments)
         return out
 

@@ -244,13 +244,13 @@ class Pipeline:
                     self._retry(job, "encode", f"{type(exc).__name__}: {exc}")
                 continue
             frames_total = 0
-            for job, (vectors, frames) in zip(call.jobs, results):
+            for job, (vectors, frames, regions) in zip(call.jobs, results):
                 frames_total += int(frames.shape[0])
                 if job.dropped:
                     continue
                 meta = job.meta
                 job.item.encoded = Encoded(
-                    segment_vectors=vectors, frames=frames, timestamps=list(meta.timestamps),
+                    segment_vectors=vectors, frames=frames, regions=regions, timestamps=list(meta.timestamps),
                     windows=meta.windows, frame_index=meta.frame_index,
                     duration_s=meta.duration_s, width=meta.width, height=meta.height,
                     fps=meta.fps, codec=meta.codec)

@@ -49,6 +49,7 @@ from typing import Any, Callable
 from vidsearch.config import Settings
 from vidsearch.dlq import dlq_key, dlq_record, minimal_dlq_record
 from vidsearch.messages import UpsertOp
+from vidsearch.store_schema import REGION_ENCODER_FIELD
 from vidsearch.telemetry import log_event
 
 from .backoff import Backoff
@@ -309,7 +310,7 @@ class IngestWorker:
         info = self.target.info
         while True:
             try:
-                self._store.ensure_collection(self.collection, info.embed_dim, info.embed_dim)
+                self._store.ensure_collection(self.collection, info.embed_dim, info.embed_dim, info.region_dim)
                 alias = self.settings.store.alias
                 if first_boot and self._store.resolve_alias(alias) is None:
                     self._store.set_alias(self.collection, alias)
@@ -656,6 +657,8 @@ class IngestWorker:
                                 target.frame_encoder, target.version)
         payload.update({"width": encoded.width, "height": encoded.height, "fps": encoded.fps,
                         "codec": encoded.codec})
+        if target.info.region_encoder is not None and encoded.regions is not None:
+            payload[REGION_ENCODER_FIELD] = target.info.region_encoder
         return encoded.points(op.video_id, payload)
 
     def _send_dlq(self, batch: Batch) -> None:
@@ -746,7 +749,8 @@ class IngestWorker:
         except CollectionNotFound as exc:
             # Someone dropped the collection under us: recreate it, then retry the batch.
             try:
-                self._store.ensure_collection(target.collection, target.info.embed_dim, target.info.embed_dim)
+                self._store.ensure_collection(target.collection, target.info.embed_dim, target.info.embed_dim,
+                                              target.info.region_dim)
             except StoreError:
                 pass
             raise _Transient("store", str(exc)) from None

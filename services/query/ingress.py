@@ -54,6 +54,7 @@ def text_side(model: VideoTextModel) -> VideoTextModel:
     own full copy of the same version.
     """
     model.scorer = None
+    model.scorer_text = None
     if hasattr(model.clip, "visual"):
         model.clip.visual = None
     return model
@@ -177,7 +178,13 @@ class SearchIngress:
         candidates = pad_groups(groups)
 
         rerank: RerankResult | None = None
-        if params.rerank and candidates.hits:
+        if params.rerank and candidates.hits and live.model.uses_regions and candidates.regions is None:
+            # A spatial re-ranker over an index built without region tokens has nothing to read:
+            # answer with the recall ranking (reranked=false) and say how to fix it.
+            self._outcomes["rerank_no_regions"] += 1
+            log_event(log, "rerank skipped", logging.WARNING, reason="no_region_tokens", index=live.collection,
+                      fix="re-index with 'vidsearch reindex' so points carry region tokens")
+        elif params.rerank and candidates.hits:
             budget = (deadline - t_rerank) * self._settings.serve.rerank_deadline_fraction
             rerank = await self._call_reranker(params.query, (tokens, vector), candidates, live.version, budget)
         t_done = time.perf_counter()
@@ -215,7 +222,8 @@ class SearchIngress:
         try:
             response = self._reranker_handle().score.remote(
                 RerankRequest(text=text, frames=candidates.frames, mask=candidates.mask, model_version=version,
-                              text_tokens=encoded[0], text_vector=encoded[1], video=candidates.video))
+                              text_tokens=encoded[0], text_vector=encoded[1], video=candidates.video,
+                              regions=candidates.regions))
             result: RerankResult = await asyncio.wait_for(response, timeout=budget_s)
         except Exception as exc:  # noqa: BLE001 - any reranker problem degrades, never fails
             if response is not None and isinstance(exc, asyncio.TimeoutError):

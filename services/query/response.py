@@ -26,6 +26,7 @@ class Candidates:
     mask: np.ndarray  # bool[K, T]
     groups: list[int] | None = None
     video: np.ndarray | None = None  # float32[K, D]: stored video vectors, when every row has one
+    regions: np.ndarray | None = None  # float32[K, T, G, W]: stored region tokens, when every row has them
 
     def video_rows(self) -> list[list[int]]:
         """Per video, in recall order: its rows."""
@@ -127,4 +128,9 @@ def pad_hits(hits: Sequence[Hit]) -> Candidates:
     frames, mask = pad_frames([np.asarray(h.frames, dtype=np.float32) for h in hits])
     video = (np.stack([np.asarray(h.video, dtype=np.float32) for h in hits])
              if all(h.video is not None for h in hits) else None)
-    return Candidates(hits=hits, frames=frames, mask=mask, video=video)
+    regions = None
+    if all(h.regions is not None for h in hits) and len({h.regions.shape[1:] for h in hits}) == 1:
+        regions = np.zeros((*frames.shape[:2], *hits[0].regions.shape[1:]), dtype=np.float32)
+        for k, hit in enumerate(hits):
+            regions[k, :hit.regions.shape[0]] = hit.regions
+    return Candidates(hits=hits, frames=frames, mask=mask, video=video, regions=regions)

@@ -30,6 +30,7 @@ class RerankRequest:
     text_tokens: np.ndarray | None = None  # float32[L, D]: the query's real token features
     text_vector: np.ndarray | None = None  # float32[D]: its sentence feature (the recall vector)
     video: np.ndarray | None = None  # float32[K, D]: the candidates' stored video vectors
+    regions: np.ndarray | None = None  # float32[K, T, G, W]: their stored region tokens (spatial scorer)
 
     def __post_init__(self) -> None:
         self.frames = np.asarray(self.frames, dtype=np.float32)
@@ -56,6 +57,13 @@ class RerankRequest:
             self.video = np.asarray(self.video, dtype=np.float32)
             if self.video.shape != (count, width):
                 raise ValueError(f"video: expected shape ({count}, {width}), got {self.video.shape}")
+        if self.regions is not None:
+            self.regions = np.asarray(self.regions, dtype=np.float32)
+            if self.regions.ndim != 4 or self.regions.shape[:2] != self.frames.shape[:2] or 0 in self.regions.shape:
+                raise ValueError(f"regions: expected a [K, T, G, W] array with [K, T] = {self.frames.shape[:2]}, "
+                                 f"got shape {self.regions.shape}")
+            if not np.isfinite(self.regions).all():
+                raise ValueError("regions: contains NaN or infinity")
 
     def text_row(self) -> tuple[np.ndarray, np.ndarray] | None:
         return None if self.text_tokens is None else (self.text_tokens, self.text_vector)
@@ -113,12 +121,24 @@ def score_requests(model: VideoTextModel, requests: list[RerankRequest]) -> list
         start += k
     video = (np.concatenate([r.video for r in requests]) if all(r.video is not None for r in requests)
              else None)
+    regions = None
+    if all(r.regions is not None for r in requests):
+        shapes = {r.regions.shape[2:] for r in requests}
+        if len(shapes) != 1:
+            raise ValueError(f"regions: requests of one batch differ in region shape: {sorted(shapes)}")
+        regions = np.zeros((sum(counts), longest, *shapes.pop()), dtype=np.float32)
+        start = 0
+        for r in requests:
+            k, t = r.frames.shape[:2]
+            regions[start:start + k, :t] = r.regions
+            start += k
     with torch.inference_mode():
         text = model.text_features_of([r.text for r in requests], [r.text_row() for r in requests])
         index = torch.repeat_interleave(torch.arange(len(requests), device=model.device),
                                         torch.tensor(counts, device=model.device))
         scores, relevance = model.score_pairs(text.select(index), torch.from_numpy(frames),
-                                              torch.from_numpy(mask), video=video)
+                                              torch.from_numpy(mask), video=video,
+                                              regions=None if regions is None else torch.from_numpy(regions))
     scores_np = scores.cpu().numpy().astype(np.float32)
     relevance_np = relevance.cpu().numpy().astype(np.float32)
     results, start = [], 0

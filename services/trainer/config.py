@@ -26,6 +26,9 @@ class ModelSection(_Section):
     preset: str = Field("synth-small", description="model preset name or JSON config path (the student + teacher)")
     pretrained: str | None = Field(None, description="open_clip pretrained tag or local checkpoint to start from")
     init_from: str | None = Field(None, description="start from a registry version or alias (e.g. production) instead")
+    scorer: dict[str, Any] | None = Field(
+        None, description="replace the model's slow scorer with this scorer config (e.g. {kind: spatial, grid: 2}); "
+        "with init_from, every other weight comes from that version and the new scorer starts untrained")
 
 
 class DataSection(_Section):
@@ -84,14 +87,18 @@ class TeacherStage(StageBase):
 
 
 class DistillStage(StageBase):
-    """TeachCLIP: l_IN + alpha*l_CgT + gamma*l_FgT for the head and the text projection."""
+    """TeachCLIP: in_weight*l_IN + alpha*l_CgT + gamma*l_FgT for the whole student on frozen frame
+    features: the head and the text tower (the frame tower is the index's frame encoder; training it
+    would mean re-decoding every video). The defaults are the reference's weights (0.2, 1, 2)."""
 
     lr: float = Field(5e-4, gt=0)
-    alpha: float = Field(1.0, ge=0, description="coarse-grained (CgT) weight")
-    gamma: float = Field(1.0, ge=0, description="fine-grained (FgT) weight")
-    # TeachCLIP distils softmax over the teacher's frame-text logits at temperature 1;
-    # our teacher's logits include its learnt scale and relevance head.
-    fgt_teacher_temperature: float = Field(1.0, gt=0, description="temperature on the teacher's relevance logits for FgT")
+    in_weight: float = Field(0.2, ge=0, description="InfoNCE weight (TeachCLIP's 0.2)")
+    alpha: float = Field(1.0, ge=0, description="coarse-grained (CgT) weight (TeachCLIP's 1)")
+    gamma: float = Field(2.0, ge=0, description="fine-grained (FgT) weight (TeachCLIP's 2)")
+    train_text: bool = Field(True, description="train the text tower too (the teacher keeps its own frozen copy)")
+    text_lr_scale: float = Field(0.1, gt=0, le=1, description="the text tower's learning rate as a share of lr")
+    # TeachCLIP distils the teacher's frame relevance as it is (no sharpening): 1.0.
+    fgt_teacher_temperature: float = Field(1.0, gt=0, description="temperature on the teacher's relevance for FgT")
     cgt_temperature: float = Field(1.0, gt=0, description="softmax temperature of both similarity matrices for CgT")
     baseline: bool = Field(True, description="also train a non-distilled student (same steps, IN only) for comparison")
 

@@ -5,8 +5,8 @@ Rows reported (R@1/5/10 in percent, MdR, MnR):
 - ``teacher``: the slow scorer over the whole corpus (the slow model's ceiling);
 - ``rerank@K``: student top-K re-ordered by the serving fusion (beta·rerank + (1-beta)·recall,
   per-query min-max) — exactly what a gRPC Search returns; the rest keep recall order;
-plus twin accuracy: how often a caption's own video outscores its reversed or
-attribute-swapped twin.
+plus twin accuracy: how often a caption's own video outscores its reversed twin, its
+direction twin (one event played backwards) or its attribute-swapped twin.
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ class EvalSet:
     bank: CaptionBank
     twins: list[list[tuple[int, str]]]  # per video: (twin index, relation)
     times: torch.Tensor | None = None  # [N,T] frame timestamps (seconds), for moment accuracy
+    regions: torch.Tensor | None = None  # [N,T,G,W] region tokens, for a spatial scorer
 
     def queries(self) -> tuple[list[str], np.ndarray]:
         texts = [c for caps in self.bank.captions for c in caps]
@@ -71,8 +72,9 @@ def student_matrix(model: VideoTextModel, data: EvalSet, texts: list[str]) -> np
 def teacher_matrix(model: VideoTextModel, data: EvalSet, texts: list[str], chunk: int = 64) -> np.ndarray:
     rows = []
     frames, mask = data.frames.to(model.device), data.mask.to(model.device)
+    regions = data.regions.to(model.device) if data.regions is not None and model.uses_regions else None
     for start in range(0, len(texts), chunk):
-        scores, _ = model.score_matrix(texts[start:start + chunk], frames, mask, pair_chunk=4096)
+        scores, _ = model.score_matrix(texts[start:start + chunk], frames, mask, pair_chunk=4096, regions=regions)
         rows.append(scores.cpu().numpy())
     return np.concatenate(rows)
 
@@ -82,7 +84,8 @@ def twin_accuracy(sim: np.ndarray, owners: np.ndarray, twins: Sequence[Sequence[
     wins: dict[str, list[bool]] = {}
     for row, owner in enumerate(owners):
         for twin, relation in twins[owner]:
-            kind = "reversed" if relation == "reversed" else ("swap" if relation.startswith("swap") else None)
+            kind = relation if relation in ("reversed", "direction") else (
+                "swap" if relation.startswith("swap") else None)
             if kind is not None:
                 wins.setdefault(kind, []).append(bool(sim[row, owner] > sim[row, twin]))
     return {f"twin_{k}": 100.0 * float(np.mean(v)) for k, v in sorted(wins.items())}
@@ -120,11 +123,13 @@ def moment_accuracy(model: VideoTextModel, data: EvalSet) -> dict[str, float]:
         return {}
     index = torch.as_tensor(rows)
     frames, mask = data.frames[index].to(model.device), data.mask[index].to(model.device)
+    regions = data.regions[index].to(model.device) if data.regions is not None and model.uses_regions else None
     picks: dict[str, list[int]] = {"moment_rerank": [], "moment_recall": [], "moment_afa": []}
     with torch.inference_mode():
         for start in range(0, len(rows), 256):
             part = slice(start, start + 256)
-            _, relevance = model.score_pairs(phrases[part], frames[part], mask[part])
+            _, relevance = model.score_pairs(phrases[part], frames[part], mask[part],
+                                             regions=None if regions is None else regions[part])
             _, weights = model.aggregate_with_weights(frames[part], mask[part])
             sentence = model.encode_text(phrases[part]).float().cpu().numpy()
             valid = mask[part].cpu().numpy()
@@ -141,9 +146,31 @@ def moment_accuracy(model: VideoTextModel, data: EvalSet) -> dict[str, float]:
     return out
 
 
+def shares_teacher(a: VideoTextModel, b: VideoTextModel) -> bool:
+    """True when ``a`` and ``b`` score every pair alike with their slow scorers: the same scorer
+    weights, reading the same text features (its own text tower, or equal student towers), and
+    not built on the head (``scorer.base=head``), so one teacher matrix serves both."""
+    if a.config.scorer != b.config.scorer or (a.config.scorer.kind == "cross" and a.config.scorer.base == "head"):
+        return False
+    parts = [(a.scorer, b.scorer)]
+    if a.scorer_head is not None and b.scorer_head is not None:
+        parts.append((a.scorer_head, b.scorer_head))
+    parts.append((a.scorer_text, b.scorer_text) if a.scorer_text is not None and b.scorer_text is not None
+                 else (a.clip, b.clip))
+    for left, right in parts:
+        mine, theirs = left.state_dict(), right.state_dict()
+        if mine.keys() != theirs.keys() or any(not torch.equal(mine[k], theirs[k]) for k in mine
+                                               if not k.startswith("visual.")):
+            return False
+    return True
+
+
 def evaluate_model(model: VideoTextModel, data: EvalSet, *, rerank_k: Sequence[int], beta: float,
-                   teacher: bool = True) -> dict[str, dict[str, float]]:
-    """{row: {metric: value}} for the student, the teacher and each re-rank depth."""
+                   teacher: bool = True, slow: np.ndarray | None = None) -> dict[str, dict[str, float]]:
+    """{row: {metric: value}} for the student, the teacher and each re-rank depth.
+
+    ``slow``: this model's teacher matrix over ``data`` (queries x videos) when the caller has
+    it (it is the costly part: every caption against every video through the slow scorer)."""
     was_training = model.training
     model.eval()
     try:
@@ -151,7 +178,7 @@ def evaluate_model(model: VideoTextModel, data: EvalSet, *, rerank_k: Sequence[i
         student = student_matrix(model, data, texts)
         out = {"student": {**retrieval_metrics(student, owners), **twin_accuracy(student, owners, data.twins)}}
         if teacher:
-            slow = teacher_matrix(model, data, texts)
+            slow = teacher_matrix(model, data, texts) if slow is None else slow
             out["teacher"] = {**retrieval_metrics(slow, owners), **twin_accuracy(slow, owners, data.twins)}
             for k in rerank_k:
                 fused = rerank_similarity(student, slow, k, beta)

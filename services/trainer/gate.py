@@ -60,9 +60,11 @@ def rerank_gate_metric(setting: str | None, rerank_k: Iterable[int]) -> str | No
     return f"val.rerank@{DEFAULT_RERANK_DEPTH}.R@1" if DEFAULT_RERANK_DEPTH in set(rerank_k) else None
 
 
-def query_ranks(model: Any, data: EvalSet, rows: Iterable[str], beta: float) -> dict[str, np.ndarray]:
+def query_ranks(model: Any, data: EvalSet, rows: Iterable[str], beta: float,
+                slow: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Per-query rank of the right video for each of ``rows`` ("student", "teacher",
-    "rerank@K"), with the same matrices and fusion :func:`evaluate.evaluate_model` uses."""
+    "rerank@K"), with the same matrices and fusion :func:`evaluate.evaluate_model` uses
+    (``slow``: the model's teacher matrix when the caller has it)."""
     rows = set(rows)
     was_training = model.training
     model.eval()
@@ -71,7 +73,7 @@ def query_ranks(model: Any, data: EvalSet, rows: Iterable[str], beta: float) -> 
         student = student_matrix(model, data, texts)
         out = {"student": ranks(student, owners)} if "student" in rows else {}
         if rows - {"student"}:
-            slow = teacher_matrix(model, data, texts)
+            slow = teacher_matrix(model, data, texts) if slow is None else slow
             if "teacher" in rows:
                 out["teacher"] = ranks(slow, owners)
             for row in rows:

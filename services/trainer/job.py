@@ -67,6 +67,9 @@ def _model_config(cfg: RunConfig, settings: Settings) -> tuple[Any, Any, Path | 
             model, manifest = load_model_version(registry, name, cfg.model.init_from, device="cpu")
         except (RegistryError, ValueError) as exc:
             raise TrainingError(f"model.init_from {cfg.model.init_from!r}: {exc}") from None
+        scorer = _scorer_for_run(cfg, model.config)
+        if scorer != model.config.scorer.__dict__:
+            model = _with_scorer(model, scorer, cfg.seed, fresh_scorer=cfg.model.scorer is not None)
         init = Path(cfg.run_dir) / "init.safetensors"
         save_file({k: v.contiguous().clone() for k, v in model.state_dict().items()}, str(init))
         return model.config, model, init, manifest.version
@@ -74,10 +77,49 @@ def _model_config(cfg: RunConfig, settings: Settings) -> tuple[Any, Any, Path | 
         config = load_model_config(cfg.model.preset)
         if cfg.model.pretrained:
             config = config.with_pretrained(cfg.model.pretrained)
+        config = _replace_scorer(config, _scorer_for_run(cfg, config))
         model = build_model(config, device="cpu", seed=cfg.seed)
     except (ValueError, OSError, RuntimeError) as exc:
         raise TrainingError(f"model: {str(exc).splitlines()[0]}") from None
     return config, model, None, None
+
+
+def _replace_scorer(config: Any, scorer: dict[str, Any]) -> Any:
+    from vidsearch.models import ModelConfig
+
+    try:
+        return ModelConfig.from_dict({**config.to_dict(), "scorer": dict(scorer)})
+    except (TypeError, ValueError) as exc:
+        raise TrainingError(f"model.scorer: {exc}") from None
+
+
+def _scorer_for_run(cfg: RunConfig, config: Any) -> dict[str, Any]:
+    """The scorer config the run trains: ``model.scorer`` when given, else the model's own; with
+    ``own_text`` switched on when distillation trains the student's text tower (the teacher
+    must keep the text tower it was trained on)."""
+    scorer = dict(cfg.model.scorer) if cfg.model.scorer is not None else dict(config.scorer.__dict__)
+    if cfg.stages.distill.enabled and cfg.stages.distill.train_text:
+        scorer["own_text"] = True
+    return scorer
+
+
+def _with_scorer(model: Any, scorer: dict[str, Any], seed: int, *, fresh_scorer: bool) -> Any:
+    """``model`` (from a registry version) rebuilt with another scorer config. The frame tower, head
+    and text tower keep their weights (and the frame encoder its id); the scorer keeps its weights
+    too unless ``fresh_scorer`` (another kind of scorer starts untrained)."""
+    from vidsearch.models import build_model
+
+    config = _replace_scorer(model.config, scorer)
+    rebuilt = build_model(config, device="cpu", seed=seed, load_weights=False)
+    kept = {k: v for k, v in model.state_dict().items() if not (fresh_scorer and k.startswith("scorer."))}
+    state = rebuilt.state_dict()
+    unknown = set(kept) - set(state)
+    if unknown:
+        raise TrainingError(f"model.scorer: the new scorer has no place for {sorted(unknown)[0]}")
+    rebuilt.load_state_dict({**state, **kept}, strict=True)
+    rebuilt.freeze_teacher_view()
+    rebuilt.frame_encoder_id = model.frame_encoder_id
+    return rebuilt
 
 
 def _split_record(videos: list[TrainingVideo]) -> dict[str, Any]:

@@ -69,19 +69,21 @@ def _pearson_distance(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 def cgt_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """TeachCLIP coarse-grained teaching: Pearson distance between the softmax rows (text->video)
-    and the softmax columns (video->text) of the student's and the teacher's [B,B] logits.
-    The teacher is a target: no gradient flows into it."""
+    """TeachCLIP coarse-grained teaching: the Pearson distance between the softmax rows (text->video)
+    of the student's and the teacher's [B,B] logits, *plus* the same for the columns (video->text),
+    as the reference sums the two directions. The teacher is a target: no gradient flows into it."""
     teacher = teacher.detach().float()
     student = student.float()
     rows = _pearson_distance(F.softmax(student / temperature, dim=1), F.softmax(teacher / temperature, dim=1))
     cols = _pearson_distance(F.softmax(student.T / temperature, dim=1), F.softmax(teacher.T / temperature, dim=1))
-    return 0.5 * (rows + cols)
+    return rows + cols
 
 
 def sharpen(relevance: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
     """softmax(log(relevance) / temperature) over valid frames: the FgT target at a temperature
     (1.0 keeps the teacher's own distribution)."""
+    if temperature == 1.0:
+        return relevance.float().masked_fill(~mask, 0.0)
     logits = torch.log(relevance.float().clamp_min(_EPS)) / temperature
     logits = logits.masked_fill(~mask, float("-inf"))
     return F.softmax(logits, dim=-1).masked_fill(~mask, 0.0)
@@ -89,11 +91,14 @@ def sharpen(relevance: torch.Tensor, mask: torch.Tensor, temperature: float) -> 
 
 def fgt_loss(student_weights: torch.Tensor, teacher_relevance: torch.Tensor, mask: torch.Tensor,
              temperature: float = 1.0) -> torch.Tensor:
-    """TeachCLIP fine-grained teaching: cross-entropy from the teacher's frame-text relevance of the
-    matched pairs (soft labels over valid frames) to the student's AFA weights, both [B,T]."""
+    """TeachCLIP fine-grained teaching: cross-entropy terms -target * log(weight) between the teacher's
+    frame-text relevance of the matched pairs (soft labels over valid frames) and the student's AFA
+    weights, both [B,T], *averaged over the B x T valid elements* as the reference averages
+    (not summed over frames: that made it T times stronger)."""
     target = sharpen(teacher_relevance.detach(), mask, temperature)
     log_weights = torch.log(student_weights.float().clamp_min(_EPS))
-    return -(target * log_weights).masked_fill(~mask, 0.0).sum(dim=-1).mean()
+    terms = -(target * log_weights).masked_fill(~mask, 0.0)
+    return terms.sum() / mask.sum().clamp_min(1)
 
 
 def moment_loss(relevance: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:

@@ -65,7 +65,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from vidsearch.config import Settings
-from vidsearch.store_schema import collection_name, model_version_of
+from vidsearch.store_schema import REGION_CODEC_FIELD, REGION_ENCODER_FIELD, collection_name, model_version_of
 from vidsearch.telemetry import log_event
 
 log = logging.getLogger(__name__)
@@ -366,7 +366,7 @@ class _Migration:
                     # A video is converted whole: from its stored frames when every
                     # segment allows it, else decoded again (once for all its segments).
                     same = all(p.payload.get("frame_encoder") == self.frame_encoder and p.frames is not None
-                               and len(p.frames) <= self.max_frames for p in parts)
+                               and len(p.frames) <= self.max_frames and self._regions_fit(p) for p in parts)
                     if same:
                         keep.extend(parts)
                     else:
@@ -380,8 +380,19 @@ class _Migration:
                 bar.update(len(chunk))
         return written
 
+    def _regions_fit(self, point: Any) -> bool:
+        """Stored region tokens serve the target version: it reads none, or they come from the
+        same frame tower, grid and width (else the video is decoded again)."""
+        if not self.model.uses_regions:
+            return True
+        return point.regions is not None and point.payload.get(REGION_ENCODER_FIELD) == self.model.region_encoder_id
+
     def _payload(self, video: Any, **updates: Any) -> dict[str, Any]:
-        return {**video.payload, "model_version": self.version, **updates}
+        payload = {**video.payload, "model_version": self.version, **updates}
+        if not self.model.uses_regions:
+            payload.pop(REGION_ENCODER_FIELD, None)
+            payload.pop(REGION_CODEC_FIELD, None)
+        return payload
 
     def _from_frames(self, videos: list[Any]) -> list[Any]:
         import torch
@@ -399,7 +410,9 @@ class _Migration:
             mask[row, :f.shape[0]] = True
         with torch.inference_mode():
             vectors = self.model.aggregate(torch.from_numpy(padded), torch.from_numpy(mask)).float().cpu().numpy()
-        points = [VideoPoint(v.video_id, vectors[row], frames[row], self._payload(v))
+        carry = self.model.uses_regions
+        points = [VideoPoint(v.video_id, vectors[row], frames[row], self._payload(v),
+                             regions=v.regions if carry else None)
                   for row, v in enumerate(videos)]
         self.report.from_frames += len(points)
         return points
@@ -418,10 +431,13 @@ class _Migration:
                 try:
                     # Segment fields and frame times come from the new decode (the same
                     # windows unless the segment settings changed).
+                    # The new decode's tokens are this version's: name their encoder (never the
+                    # source point's, which may have had another grid or width).
+                    regions = {REGION_ENCODER_FIELD: self.model.region_encoder_id} if self.model.uses_regions else {}
                     points.extend(result.points(video.video_id, self._payload(
                         video, frame_timestamps=list(result.timestamps), duration_s=result.duration_s,
                         width=result.width, height=result.height, fps=result.fps, codec=result.codec,
-                        frame_encoder=self._redecoder.frame_encoder)))
+                        frame_encoder=self._redecoder.frame_encoder, **regions)))
                     continue
                 except ValueError as exc:
                     result = FailedVideo(video.video_id, str(video.payload.get("uri", "")), "encode_failed", str(exc))
@@ -588,7 +604,8 @@ def _migrate(settings: Settings, store: Any, registry: Any, migration: _Migratio
         return changed
 
     alias = settings.store.alias
-    store.ensure_collection(migration.target, migration.model.embed_dim, migration.model.embed_dim)
+    store.ensure_collection(migration.target, migration.model.embed_dim, migration.model.embed_dim,
+                            migration.model.region_width if migration.model.uses_regions else None)
     run_pass("pass 1", after_flip=False)
     for number in range(2, MAX_CATCHUP_PASSES + 2):
         if run_pass(f"catch-up {number}", after_flip=False) == 0:

@@ -62,11 +62,17 @@ class StageContext:
         return self.rank == 0
 
 
-def param_groups(params: Sequence[nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
-    # CLIP's rule: no decay on gains, biases, temperatures and other 0/1-D tensors.
-    decay = [p for p in params if p.dim() >= 2]
-    rest = [p for p in params if p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+def param_groups(params: Sequence[nn.Parameter], weight_decay: float,
+                 lr_scales: dict[int, float] | None = None) -> list[dict[str, Any]]:
+    """AdamW groups: CLIP's rule (no decay on gains, biases, temperatures and other 0/1-D
+    tensors), split further by learning-rate scale (``lr_scales``: id(param) -> share of lr)."""
+    scales = lr_scales or {}
+    # Both scale-1 groups always exist (possibly empty), so checkpoints keep their group layout.
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {(True, 1.0): [], (False, 1.0): []}
+    for p in params:
+        groups.setdefault((p.dim() >= 2, float(scales.get(id(p), 1.0))), []).append(p)
+    return [{"params": members, "weight_decay": weight_decay if decays else 0.0, "lr_scale": scale}
+            for (decays, scale), members in sorted(groups.items(), key=lambda item: (not item[0][0], -item[0][1]))]
 
 
 def lr_factor(step: int, total: int, warmup_frac: float) -> float:
@@ -154,16 +160,18 @@ def _allreduce_grads(params: Sequence[nn.Parameter], world: int) -> None:
 
 def run_stage(name: str, config: StageBase, model: nn.Module, params: Sequence[nn.Parameter], loss_fn: LossFn,
               ctx: StageContext, *, after_step: Callable[[], None] | None = None,
-              evaluate: Callable[[], float] | None = None) -> StageLog:
+              evaluate: Callable[[], float] | None = None, lr_scales: dict[int, float] | None = None) -> StageLog:
     """Train ``params`` (a subset of ``model``'s) for ``config.steps``; resume from a checkpoint.
 
+    ``lr_scales`` (id(param) -> share of ``config.lr``) gives some parameters their own rate.
     ``evaluate`` (rank 0 only) returns val R@1, recorded every ``ctx.eval_every`` steps and
     at the end for the report's curve.
     """
     params = [p for p in params if p.requires_grad]
     if not params:
         raise TrainingError(f"stage {name}: nothing to train")
-    optimizer = torch.optim.AdamW(param_groups(params, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
+    optimizer = torch.optim.AdamW(param_groups(params, config.weight_decay, lr_scales), lr=config.lr,
+                                  betas=(0.9, 0.98), eps=1e-6)
     total = config.steps
     stage_log, start = StageLog(name=name), 0
     saved = load_stage_state(ctx, name)
@@ -179,7 +187,7 @@ def run_stage(name: str, config: StageBase, model: nn.Module, params: Sequence[n
     began, window_start, window_samples = time.perf_counter(), time.perf_counter(), 0
     for step in range(start, total):
         for group in optimizer.param_groups:
-            group["lr"] = config.lr * lr_factor(step, total, config.warmup_frac)
+            group["lr"] = config.lr * lr_factor(step, total, config.warmup_frac) * group.get("lr_scale", 1.0)
         loss, parts = loss_fn(step)
         if not torch.isfinite(loss):
             raise TrainingError(f"stage {name}: loss became {loss.item()} at step {step + 1}; lower stages.{name}.lr")

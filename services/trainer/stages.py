@@ -5,9 +5,10 @@ a. backbone: frame tower + head + text tower from augmented pixels (InfoNCE);
 b. teacher: the slow scorer on frozen frame features: InfoNCE over the batch (which
    carries twins and mined negatives) plus the moment loss on event phrases, which
    is what trains the scorer's relevance head;
-c. distill: the head (temporal transformer + AFA) with l_IN + alpha*l_CgT + gamma*l_FgT.
-   The text projection stays frozen: our teacher reads the same token features,
-   so moving it would move the teacher's inputs after the teacher was trained.
+c. distill: the head (temporal transformer + AFA) and the text tower with TeachCLIP's
+   in_weight*l_IN + alpha*l_CgT + gamma*l_FgT. The teacher is a frozen copy with its own
+   text tower (``scorer.own_text``), so training the student's text tower never moves the
+   teacher's inputs.
 """
 from __future__ import annotations
 
@@ -50,11 +51,15 @@ class FrozenFeatures:
     views: torch.Tensor | None = None  # [V,N,T,D]
     view_mask: torch.Tensor | None = None
     view_times: torch.Tensor | None = None
+    # Region tokens of the spatial scorer (None when the scorer reads none): [N,T,G,W], [V,N,T,G,W]
+    regions: torch.Tensor | None = None
+    view_regions: torch.Tensor | None = None
 
-    def view(self, v: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def view(self, v: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         if v is None or self.views is None:
-            return self.frames, self.mask, self.times
-        return self.views[v], self.view_mask[v], self.view_times[v]
+            return self.frames, self.mask, self.times, self.regions
+        regions = None if self.view_regions is None else self.view_regions[v]
+        return self.views[v], self.view_mask[v], self.view_times[v], regions
 
 
 def _generator(seed: int, stage: str, step: int, rank: int) -> torch.Generator:
@@ -65,27 +70,42 @@ def _normalisation(model: VideoTextModel) -> tuple[Sequence[float], Sequence[flo
     return model._mean, model._std  # noqa: SLF001 - the model owns its preprocess constants
 
 
+@dataclass
+class EncodedFrames:
+    """Frame features of a frame cache: frames[N,T,D], mask[N,T], times[N,T] (seconds), and the
+    region tokens [N,T,G,W] when the model's scorer reads them (from the same tower pass)."""
+
+    frames: torch.Tensor
+    mask: torch.Tensor
+    times: torch.Tensor
+    regions: torch.Tensor | None = None
+
+
 @torch.no_grad()
 def encode_cache(model: VideoTextModel, cache: FrameCache, num_frames: int, augment: AugmentSection | None,
-                 seed: int, view: int, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Frame features [N,T,D] of a frame cache (augmented when ``augment`` is given)."""
+                 seed: int, view: int, batch_size: int = 64) -> EncodedFrames:
+    """Frame features of a frame cache (augmented when ``augment`` is given)."""
     model.eval()
     mean, std = _normalisation(model)
-    feats, masks, times = [], [], []
+    feats, masks, times, regions = [], [], [], []
     for start in range(0, len(cache), batch_size):
         stop = min(start + batch_size, len(cache))
         gen = _generator(seed, "features", view * 100_000 + start, 0)
         pixels, mask, picked = make_pixels(cache.frames[start:stop], cache.mask[start:stop], num_frames,
                                            mean, std, augment, gen)
         b, t = mask.shape
-        encoded = model.encode_frames(pixels.flatten(0, 1).to(model.device)).view(b, t, -1).cpu()
+        encoded, cells = model.encode_frames_and_regions(pixels.flatten(0, 1).to(model.device))
+        encoded = encoded.view(b, t, -1).cpu()
         stamps = torch.zeros((b, t))
         for row, index in enumerate(picked):
             stamps[row, :len(index)] = torch.from_numpy(cache.timestamps[start + row, index])
         feats.append(encoded * mask[..., None])
         masks.append(mask)
         times.append(stamps)
-    return torch.cat(feats), torch.cat(masks), torch.cat(times)
+        if cells is not None:
+            regions.append(cells.view(b, t, *cells.shape[1:]).cpu() * mask[..., None, None])
+    return EncodedFrames(torch.cat(feats), torch.cat(masks), torch.cat(times),
+                         torch.cat(regions) if regions else None)
 
 
 def text_batches(model: VideoTextModel, texts: list[str], batch_size: int = 256) -> torch.Tensor:
@@ -241,8 +261,8 @@ def backbone_loss(model: VideoTextModel, cache: FrameCache, bank: CaptionBank, p
 def _batch_view(features: FrozenFeatures, plan_seed: int, stage: str, step: int, index: np.ndarray):
     views = features.views.shape[0] if features.views is not None else 0
     v = int(step_rng(plan_seed, STAGE_IDS[stage], step, 3).integers(views)) if views else None
-    frames, mask, times = features.view(v)
-    return frames[index], mask[index], times[index]
+    frames, mask, times, regions = features.view(v)
+    return frames[index], mask[index], times[index], None if regions is None else regions[index]
 
 
 def event_window(times: torch.Tensor, event: dict) -> torch.Tensor:
@@ -269,13 +289,14 @@ def _event_targets(bank: CaptionBank, index: np.ndarray, times: torch.Tensor, rn
 
 def _frozen_batch(features: FrozenFeatures, bank: CaptionBank, plan: BatchPlan, counts: list[int], seed: int,
                   stage: str, step: int, rank: int, world: int, device: torch.device):
-    """This worker's shard of a step's batch on frozen features: (index, captions, frames, mask, times)."""
+    """This worker's shard of a step's batch on frozen features:
+    (index, captions, frames, mask, times, regions or None)."""
     full = plan.indices(step)
     choice = plan.captions(step, full, counts)
     index, picks = _shard(full, rank, world), _shard(choice, rank, world)
-    frames, mask, times = _batch_view(features, seed, stage, step, index)
+    frames, mask, times, regions = _batch_view(features, seed, stage, step, index)
     texts = [bank.captions[i][c] for i, c in zip(index, picks)]
-    return index, texts, frames.to(device), mask.to(device), times
+    return index, texts, frames.to(device), mask.to(device), times, None if regions is None else regions.to(device)
 
 
 def teacher_loss(model: VideoTextModel, features: FrozenFeatures, bank: CaptionBank, plan: BatchPlan,
@@ -283,20 +304,21 @@ def teacher_loss(model: VideoTextModel, features: FrozenFeatures, bank: CaptionB
     counts = bank.counts()
 
     def loss_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        index, texts, frames, mask, times = _frozen_batch(features, bank, plan, counts, seed, "teacher", step,
-                                                          rank, world, model.device)
+        index, texts, frames, mask, times, regions = _frozen_batch(features, bank, plan, counts, seed, "teacher",
+                                                                   step, rank, world, model.device)
         with torch.no_grad():
-            text = model.encode_text_features(texts)
-        scores, _ = model.score_matrix(text, frames, mask)
+            text = model.encode_scorer_text(texts)
+        scores, _ = model.score_matrix(text, frames, mask, regions=regions)
         scale = model.scorer.logit_scale.exp()
         extra = None
         negatives = _step_negatives(bank, index, config.caption_negatives, seed, "teacher", step, rank)
         if negatives is not None:
             # Scored against their own video only: a [B,E] cross-encoder pass would cost E times the batch.
             with torch.no_grad():
-                changed = model.encode_text_features(negatives.texts)
+                changed = model.encode_scorer_text(negatives.texts)
             owners = negatives.owners.to(frames.device)
-            own, _ = model.score_pairs(changed, frames[owners], mask[owners])
+            own, _ = model.score_pairs(changed, frames[owners], mask[owners],
+                                       regions=None if regions is None else regions[owners])
             extra = negatives.extra_logits(scale * own, len(texts))
         loss_in = infonce_logits(scale * scores, extra)
         parts = {"in": float(loss_in.detach())}
@@ -305,8 +327,10 @@ def teacher_loss(model: VideoTextModel, features: FrozenFeatures, bank: CaptionB
         if targets is not None and config.moment_weight > 0:
             rows, phrases, inside = targets
             with torch.no_grad():
-                phrase_text = model.encode_text_features(phrases)
-            _, relevance = model.score_pairs(phrase_text, frames[rows.to(frames.device)], mask[rows.to(mask.device)])
+                phrase_text = model.encode_scorer_text(phrases)
+            at = rows.to(frames.device)
+            _, relevance = model.score_pairs(phrase_text, frames[at], mask[at],
+                                             regions=None if regions is None else regions[at])
             loss_moment = moment_loss(relevance, inside.to(relevance.device) & mask[rows.to(mask.device)])
             loss = loss + config.moment_weight * loss_moment
             parts["moment"] = float(loss_moment.detach())
@@ -314,37 +338,48 @@ def teacher_loss(model: VideoTextModel, features: FrozenFeatures, bank: CaptionB
     return loss_fn
 
 
+def text_tower_parameters(model: VideoTextModel) -> list[torch.nn.Parameter]:
+    """The student's text tower: every open_clip parameter outside the frame tower."""
+    return [p for name, p in model.clip.named_parameters() if not name.startswith("visual.")]
+
+
 def distill_loss(model: VideoTextModel, teacher: VideoTextModel, features: FrozenFeatures, bank: CaptionBank,
                  plan: BatchPlan, config: DistillStage, seed: int, rank: int, world: int, *, distil: bool = True):
-    """TeachCLIP's student objective; ``distil=False`` is the non-distilled baseline (IN only)."""
+    """TeachCLIP's student objective, in_weight*l_IN + alpha*l_CgT + gamma*l_FgT, over the head and
+    (``config.train_text``) the text tower; ``distil=False`` is the non-distilled baseline (l_IN only).
+
+    ``teacher`` is the frozen copy that teaches: its scorer reads its own text tower and the
+    batch's region tokens, so moving the student's text tower never moves the teacher's inputs.
+    """
     counts = bank.counts()
 
     def loss_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         # The baseline sees exactly the distilled student's batches ("distill" seeds both).
-        index, texts, frames, mask, _ = _frozen_batch(features, bank, plan, counts, seed, "distill", step,
-                                                      rank, world, model.device)
-        with torch.no_grad():
-            text = model.encode_text(texts)
+        index, texts, frames, mask, _, regions = _frozen_batch(features, bank, plan, counts, seed, "distill", step,
+                                                               rank, world, model.device)
+        negatives = _step_negatives(bank, index, config.caption_negatives, seed, "distill", step, rank)
+        extra_texts = negatives.texts if negatives is not None else []
+        with torch.set_grad_enabled(config.train_text and torch.is_grad_enabled()):
+            encoded = model.encode_text(texts + extra_texts)
+        text, changed = encoded[:len(texts)], encoded[len(texts):]
         video, weights = model.aggregate_with_weights(frames, mask)
         scale = model.clip.logit_scale.exp().detach()
         student = scale * (text @ video.T)
         extra = None
-        negatives = _step_negatives(bank, index, config.caption_negatives, seed, "distill", step, rank)
         if negatives is not None:
-            with torch.no_grad():
-                changed = model.encode_text(negatives.texts)
             extra = (scale * (video @ changed.T)).masked_fill(~negatives.valid.to(video.device), float("-inf"))
         loss_in = infonce_logits(student, extra)
         parts = {"in": float(loss_in.detach())}
         loss = loss_in
         if distil and (config.alpha > 0 or config.gamma > 0):
             with torch.no_grad():
-                scores, relevance = teacher.score_matrix(teacher.encode_text_features(texts), frames, mask)
+                scores, relevance = teacher.score_matrix(teacher.encode_scorer_text(texts), frames, mask,
+                                                         regions=regions)
                 teacher_logits = teacher.scorer.logit_scale.exp() * scores
                 matched = relevance[torch.arange(len(texts)), torch.arange(len(texts))]
             loss_cgt = cgt_loss(student, teacher_logits, config.cgt_temperature)
             loss_fgt = fgt_loss(weights, matched, mask, config.fgt_teacher_temperature)
-            loss = loss + config.alpha * loss_cgt + config.gamma * loss_fgt
+            loss = config.in_weight * loss_in + config.alpha * loss_cgt + config.gamma * loss_fgt
             parts.update(cgt=float(loss_cgt.detach()), fgt=float(loss_fgt.detach()))
         return loss, parts
     return loss_fn

@@ -21,13 +21,14 @@ from vidsearch.models.scorers import MAX_LOGIT_SCALE
 from vidsearch.telemetry import configure_logging, log_event
 
 from .batches import BatchPlan, merge_neighbours, twin_neighbours
-from .config import RunConfig
-from .evaluate import EvalSet, evaluate_model, flatten_metrics, moment_accuracy
+from .config import DistillStage, RunConfig
+from .errors import TrainingError
+from .evaluate import EvalSet, evaluate_model, flatten_metrics, moment_accuracy, shares_teacher, teacher_matrix
 from .frames import open_cache
 from .index_frames import open_feature_cache
 from .runner import StageContext, load_stage_state, run_stage
 from .stages import (STAGE_IDS, CaptionBank, FrozenFeatures, backbone_loss, distill_loss, encode_cache,
-                     mine_neighbours, teacher_loss)
+                     mine_neighbours, teacher_loss, text_tower_parameters)
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,18 @@ def _set_trainable(model: VideoTextModel, *modules: torch.nn.Module) -> list[tor
     return params
 
 
+def _student_parameters(model: VideoTextModel, stage: DistillStage) -> tuple[list[torch.nn.Parameter], dict[int, float]]:
+    """What distillation trains: the head, and the text tower at its own rate when ``train_text``
+    (the frame tower stays: it is the index's frame encoder)."""
+    params = _set_trainable(model, model.head)
+    if not stage.train_text:
+        return params, {}
+    text = text_tower_parameters(model)
+    for param in text:
+        param.requires_grad_(True)
+    return params + text, {id(p): stage.text_lr_scale for p in text}
+
+
 def _clamp_temperatures(model: VideoTextModel) -> None:
     with torch.no_grad():
         model.clip.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
@@ -58,7 +71,8 @@ def _start_teacher_at_student_temperature(model: VideoTextModel) -> None:
     backbone learned for it (CLIP's 100 makes an untrained teacher confidently wrong, and Adam
     moves a log-temperature by only ~lr per step)."""
     scale = getattr(model.scorer, "logit_scale", None)
-    if isinstance(scale, torch.nn.Parameter) and scale.dim() == 0:
+    # The spatial scorer's score stands alone (no cosine to share a temperature with).
+    if isinstance(scale, torch.nn.Parameter) and scale.dim() == 0 and not model.uses_regions:
         with torch.no_grad():
             scale.copy_(model.clip.logit_scale.detach())
 
@@ -82,21 +96,30 @@ def _features_of(split: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, tor
     return torch.from_numpy(frames), torch.from_numpy(mask), torch.from_numpy(times)
 
 
+def _check_index_features(model: VideoTextModel) -> None:
+    if model.uses_regions:
+        raise TrainingError("data.frames=index: the index stores no region tokens for a spatial scorer to "
+                            "train on; use data.frames=decode")
+
+
 def _eval_set(model: VideoTextModel, split: dict[str, Any], seed: int) -> EvalSet:
+    regions = None
     if "feature_cache" in split:
+        _check_index_features(model)
         frames, mask, times = _features_of(split)
     else:
-        frames, mask, times = encode_cache(model, open_cache(split["eval_cache"]), model.config.num_frames,
-                                           None, seed, 0)
+        encoded = encode_cache(model, open_cache(split["eval_cache"]), model.config.num_frames, None, seed, 0)
+        frames, mask, times, regions = encoded.frames, encoded.mask, encoded.times, encoded.regions
     index = {vid: i for i, vid in enumerate(split["video_ids"])}
     twins = [[(index[n["video_id"]], n["relation"]) for n in negs if n["video_id"] in index]
              for negs in split["hard_negatives"]]
     return EvalSet(video_ids=split["video_ids"], frames=frames, mask=mask, bank=_bank(split), twins=twins,
-                   times=times)
+                   times=times, regions=regions)
 
 
 def _train_features(model: VideoTextModel, cfg: RunConfig, split: dict[str, Any]) -> FrozenFeatures:
     if "feature_cache" in split:
+        _check_index_features(model)
         clean = _features_of(split)
         return FrozenFeatures(*clean, views=clean[0][None], view_mask=clean[1][None], view_times=clean[2][None])
     cache = open_cache(split["train_cache"])
@@ -104,8 +127,10 @@ def _train_features(model: VideoTextModel, cfg: RunConfig, split: dict[str, Any]
     clean = encode_cache(model, cache, num_frames, None, cfg.seed, 0)
     views = [encode_cache(model, cache, num_frames, cfg.augment, cfg.seed, v + 1)
              for v in range(cfg.augment.views)] if cfg.augment.enabled else [clean]
-    return FrozenFeatures(*clean, views=torch.stack([v[0] for v in views]),
-                          view_mask=torch.stack([v[1] for v in views]), view_times=torch.stack([v[2] for v in views]))
+    return FrozenFeatures(clean.frames, clean.mask, clean.times, views=torch.stack([v.frames for v in views]),
+                          view_mask=torch.stack([v.mask for v in views]),
+                          view_times=torch.stack([v.times for v in views]), regions=clean.regions,
+                          view_regions=None if clean.regions is None else torch.stack([v.regions for v in views]))
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
@@ -164,6 +189,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     mined = mine_neighbours(model, features, bank, MINED_NEGATIVES)
     neighbours = merge_neighbours(twins, mined)
 
+    # The scorer's own text tower and head are the student's as the teacher is trained on
+    # them; a teacher checkpoint, when resumed, restores the same weights.
+    model.freeze_teacher_view()
     if stages.teacher.enabled:
         if load_stage_state(ctx, "teacher") is None:
             _start_teacher_at_student_temperature(model)
@@ -181,18 +209,18 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         # A frozen copy teaches: with scorer.base=head the teacher's score builds on the head,
         # which is what distillation moves.
         teacher = copy.deepcopy(model).eval()
-        params = _set_trainable(model, model.head)
+        params, scales = _student_parameters(model, stages.distill)
         plan = BatchPlan(len(bank.captions), stages.distill.batch_size, stages.distill.hard_negatives,
                          neighbours, cfg.seed, STAGE_IDS["distill"])
         loss = distill_loss(model, teacher, features, bank, plan, stages.distill, cfg.seed, rank, world)
         logs["distill"] = run_stage("distill", stages.distill, model, params, loss, ctx, after_step=after_step,
-                                    evaluate=val_r1("student")).to_dict()
+                                    evaluate=val_r1("student"), lr_scales=scales).to_dict()
         if baseline is not None:
-            params = _set_trainable(baseline, baseline.head)
+            params, scales = _student_parameters(baseline, stages.distill)
             loss = distill_loss(baseline, baseline, features, bank, plan, stages.distill, cfg.seed, rank, world,
                                 distil=False)
             logs["baseline"] = run_stage("baseline", stages.distill, baseline, params, loss, ctx,
-                                         evaluate=val_r1("student", target=baseline)).to_dict()
+                                         evaluate=val_r1("student", target=baseline), lr_scales=scales).to_dict()
     _set_trainable(model)
 
     if rank == 0:
@@ -218,18 +246,40 @@ def _initial_model(loop_config: dict[str, Any], device: str) -> VideoTextModel:
 
 def _evaluate(model: VideoTextModel, baseline: VideoTextModel | None, data: dict[str, Any], cfg: RunConfig,
               beta: float) -> dict[str, float]:
+    # Imported here: this function and _write_final are the gate's part of this module.
+    from .gate import BASELINE_PREFIX, query_ranks, rerank_gate_metric, se_metrics, split_metric
+
+    # The rows the gate reads get bootstrap standard errors (val only: the gate reads only val).
+    gate_rows = {"student"}
+    for name in (cfg.publish.gate_metric, rerank_gate_metric(cfg.publish.gate_rerank_metric, cfg.evaluate.rerank_k)):
+        parsed = split_metric(name) if name else None
+        if parsed is not None:
+            gate_rows.add(parsed[1].removeprefix(BASELINE_PREFIX))
     metrics: dict[str, float] = {}
     for split in cfg.evaluate.splits:
         if split not in data or not ({"eval_cache", "feature_cache"} & set(data[split])):
             continue
         eval_set = _eval_set(model, data[split], cfg.seed)
+        # The teacher matrix (every caption x every video through the slow scorer) is the costly
+        # part: computed once per split, and shared with the baseline when it has the same teacher.
+        slow = teacher_matrix(model, eval_set, eval_set.queries()[0])
         metrics.update(flatten_metrics(split, evaluate_model(model, eval_set, rerank_k=cfg.evaluate.rerank_k,
-                                                             beta=beta)))
+                                                             beta=beta, slow=slow)))
         metrics.update({f"{split}.{k}": v for k, v in moment_accuracy(model, eval_set).items()})
+        if split == "val":
+            metrics.update(se_metrics(split, query_ranks(model, eval_set, gate_rows, beta, slow=slow)))
         if baseline is not None:
-            rows = evaluate_model(baseline, _eval_set(baseline, data[split], cfg.seed), rerank_k=(), beta=beta,
-                                  teacher=False)
-            metrics.update(flatten_metrics(split, rows, prefix="baseline_"))
+            # Evaluated as fully as the distilled student (its own teacher rows too: with
+            # scorer.base=head the re-ranker builds on the head), since it may be the one published.
+            base_set = _eval_set(baseline, data[split], cfg.seed)
+            base_slow = slow if shares_teacher(model, baseline) else teacher_matrix(baseline, base_set,
+                                                                                   base_set.queries()[0])
+            rows = evaluate_model(baseline, base_set, rerank_k=cfg.evaluate.rerank_k, beta=beta, slow=base_slow)
+            metrics.update(flatten_metrics(split, rows, prefix=BASELINE_PREFIX))
+            metrics.update({f"{split}.{BASELINE_PREFIX}{k}": v for k, v in moment_accuracy(baseline, base_set).items()})
+            if split == "val":
+                metrics.update(se_metrics(split, query_ranks(baseline, base_set, gate_rows, beta, slow=base_slow),
+                                          prefix=BASELINE_PREFIX))
         log_event(log, "evaluated", split=split, **{k.split(".", 1)[1]: round(v, 2) for k, v in metrics.items()
                                                      if k.startswith(split) and k.endswith("R@1")})
     return metrics
@@ -237,13 +287,19 @@ def _evaluate(model: VideoTextModel, baseline: VideoTextModel | None, data: dict
 
 def _write_final(run_dir: Path, model: VideoTextModel, frame_encoder: str, metrics: dict[str, float],
                  logs: dict[str, Any], baseline: VideoTextModel | None) -> None:
+    from .gate import BASELINE_MODEL_FILE
+
     final = run_dir / FINAL_DIR
     final.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     save_file(tensors, str(final / "model.safetensors"))
     if baseline is not None:
-        # The non-distilled head, so benchmarks can compare it on other data (heads are small).
+        # The non-distilled head, so benchmarks can compare it on other data (heads are small),
+        # and the whole baseline model: publish ships it when it beats the distilled student on
+        # val, and it may differ from the distilled one in more than the head.
         save_file({k: v.detach().cpu().contiguous().clone() for k, v in baseline.head.state_dict().items()},
                   str(final / BASELINE_HEAD_FILE))
+        save_file({k: v.detach().cpu().contiguous().clone() for k, v in baseline.state_dict().items()},
+                  str(final / BASELINE_MODEL_FILE))
     (final / "logs.json").write_text(json.dumps(logs))
     (final / "metrics.json").write_text(json.dumps({"frame_encoder": frame_encoder, "metrics": metrics}, indent=2))

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 PRESET_DIR = Path(__file__).parent / "presets"
 
 HEAD_KINDS = ("meanP", "seqLSTM", "seqTransf", "afa")
-SCORER_KINDS = ("cross", "xclip")
+SCORER_KINDS = ("cross", "xclip", "spatial")
 SCORER_BASES = ("meanP", "head")
 
 
@@ -103,6 +103,16 @@ class ScorerConfig:
     the cosine of the sentence and the mean frame (CLIP4Clip), or ``head``, the dual
     encoder's own similarity, so an untrained teacher ranks exactly as recall does and
     training only adds what the joint encoder sees beyond it.
+
+    ``spatial``: a cross-encoder that also reads ``grid x grid`` region tokens per frame
+    (the frame tower's spatial map, stored at ingest beside the frames), so it sees
+    where things are; its score stands on its own (``base`` does not apply).
+    ``region_width`` narrows the region tokens with a fixed projection (``None`` = the
+    CLIP embedding width). ``grid`` and ``region_width`` are part of what ingest stores:
+    changing them means re-decoding, like a new frame tower.
+
+    ``own_text``: the scorer keeps its own frozen copy of the text tower, so distillation
+    can train the student's text tower without moving the teacher's inputs.
     """
 
     kind: str = "cross"
@@ -111,15 +121,32 @@ class ScorerConfig:
     width: int | None = None
     max_frames: int = 64
     base: str = "meanP"
+    grid: int = 0
+    region_width: int | None = None
+    own_text: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.own_text, bool):
+            raise ValueError(f"scorer.own_text: must be true or false (got {self.own_text!r})")
         _require_kind("scorer.kind", self.kind, SCORER_KINDS)
         _require_kind("scorer.base", self.base, SCORER_BASES)
+        if self.kind == "spatial":
+            _require_int("scorer.grid", self.grid, 1)
+            if self.base != "meanP":
+                raise ValueError("scorer.base: the spatial scorer's score stands on its own; leave base unset")
+        elif self.grid or self.region_width is not None:
+            raise ValueError(f"scorer.grid/region_width: only the spatial scorer reads regions (kind {self.kind!r})")
+        if self.region_width is not None:
+            _require_int("scorer.region_width", self.region_width, 1)
         _require_int("scorer.layers", self.layers, 1)
         _require_int("scorer.heads", self.heads, 1)
         if self.width is not None:
             _require_int("scorer.width", self.width, 1)
         _require_int("scorer.max_frames", self.max_frames, 1)
+
+    @property
+    def uses_regions(self) -> bool:
+        return self.kind == "spatial"
 
 
 @dataclass(frozen=True)

@@ -211,4 +211,11 @@ def build_scorer(config: ScorerConfig, embed_dim: int, max_text: int) -> nn.Modu
     if config.kind == "xclip":
         check_heads("scorer.heads", embed_dim, config.heads)
         return XClipScorer(embed_dim, config.layers, config.heads, config.max_frames)
+    if config.kind == "spatial":
+        from .spatial_scorer import SpatialCrossScorer
+
+        width = config.width or embed_dim
+        check_heads("scorer.heads", width, config.heads)
+        return SpatialCrossScorer(embed_dim, config.region_width or embed_dim, config.grid * config.grid, width,
+                                  config.layers, config.heads, max_text, config.max_frames)
     raise ValueError(f"scorer.kind: unknown kind {config.kind!r}")

@@ -111,3 +111,39 @@ def text_token_features(clip: nn.Module, ids: torch.Tensor) -> TextFeatures:
     mask = torch.arange(length, device=ids.device)[None, :] <= pool[:, None]
     sentence = tokens[torch.arange(ids.shape[0], device=ids.device), pool]
     return TextFeatures(tokens=zero_padding(tokens, mask), mask=mask, sentence=sentence)
+
+
+class ScorerTextTower(nn.Module):
+    """A frozen copy of the text tower for the slow scorer (``scorer.own_text``).
+
+    Distillation trains the student's text tower; the scorer was trained on the token
+    features of the tower as it was, so it keeps that copy and reads its own features.
+    It has the attributes ``text_token_features`` reads, so it is a tower in its own right.
+    """
+
+    _COPIED = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
+    _PLAIN = ("text_pool_type", "pool_type", "text_eos_id", "eos_id")
+
+    def __init__(self, clip: nn.Module) -> None:
+        super().__init__()
+        import copy
+
+        tower = _tower(clip)
+        for name in self._COPIED:
+            value = getattr(tower, name)
+            setattr(self, name, copy.deepcopy(value) if isinstance(value, nn.Module) or value is None
+                    else nn.Parameter(value.detach().clone(), requires_grad=value.requires_grad))
+        for name in self._PLAIN:
+            value = getattr(tower, name, None) if name in ("pool_type", "eos_id") else getattr(clip, name, None)
+            if value is not None:
+                setattr(self, name, value)
+        mask = getattr(tower, "attn_mask", None)
+        self.register_buffer("attn_mask", None if mask is None else mask.detach().clone(), persistent=False)
+
+    @torch.no_grad()
+    def copy_from(self, clip: nn.Module) -> None:
+        """Take the current weights of ``clip``'s text tower (before distillation moves it)."""
+        tower = _tower(clip)
+        own = self.state_dict()
+        own.update({k: v for k, v in tower.state_dict().items() if k in own})
+        self.load_state_dict(own, strict=True)

@@ -8,6 +8,7 @@ precision. Gradient mode is the caller's: wrap serving calls in
 """
 from __future__ import annotations
 
+import copy
 from typing import Sequence
 
 import numpy as np
@@ -18,8 +19,9 @@ from torch import nn
 from .config import ModelConfig
 from .masking import check_mask
 from .preprocess import preprocess_frames
+from .regions import frames_and_maps, pool_regions, region_projection
 from .runtime import autocast
-from .text import TextFeatures, text_token_features
+from .text import ScorerTextTower, TextFeatures, text_token_features
 
 TextInput = Sequence[str] | TextFeatures
 
@@ -43,6 +45,14 @@ class VideoTextModel(nn.Module):
         self._mean = tuple(pp.get("mean", (0.48145466, 0.4578275, 0.40821073)))
         self._std = tuple(pp.get("std", (0.26862954, 0.26130258, 0.27577711)))
         self._interpolation = pp.get("interpolation", "bicubic")
+        self._region_projection = (region_projection(embed_dim, self.region_width)
+                                   if config.scorer.uses_regions else None)
+        # The slow scorer's own (frozen) text tower, when distillation trains the student's.
+        self.scorer_text = ScorerTextTower(clip) if config.scorer.own_text else None
+        # The spatial scorer reads the student's view of a video through its own frozen copy of
+        # the head (taken when the teacher is trained), so distilling the student never moves
+        # the teacher's inputs.
+        self.scorer_head = copy.deepcopy(head) if config.scorer.kind == "spatial" else None
 
     @property
     def device(self) -> torch.device:
@@ -61,6 +71,62 @@ class VideoTextModel(nn.Module):
         with autocast(self.device):
             features = self.clip.encode_image(pixels.to(self.device, torch.float32))
         return F.normalize(features.float(), dim=-1)
+
+    # ---- regions (the spatial scorer's own view) -----------------------------------
+    @property
+    def uses_regions(self) -> bool:
+        """True when the slow scorer reads region tokens, which ingest must then store."""
+        return self.config.scorer.uses_regions
+
+    @torch.no_grad()
+    def freeze_teacher_view(self) -> None:
+        """Give the slow scorer its own copies of the student's text tower and head as they are
+        now (before the teacher is trained on them): later training of the student leaves the
+        teacher's inputs as they were."""
+        if self.scorer_text is not None:
+            self.scorer_text.copy_from(self.clip)
+        if self.scorer_head is not None:
+            self.scorer_head.load_state_dict(self.head.state_dict())
+
+    @property
+    def region_cells(self) -> int:
+        return self.config.scorer.grid ** 2 if self.uses_regions else 0
+
+    @property
+    def region_width(self) -> int:
+        return (self.config.scorer.region_width or self.embed_dim) if self.uses_regions else 0
+
+    @property
+    def region_encoder_id(self) -> str | None:
+        """What fixes the stored region tokens: the frame tower, the grid and the width.
+        Points whose payload names another id must be decoded again for this version."""
+        if not self.uses_regions:
+            return None
+        return f"{self.frame_encoder_id}:regions:{self.config.scorer.grid}x{self.config.scorer.grid}:{self.region_width}"
+
+    def encode_frames_and_regions(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """pixels[N,3,S,S] -> (frame embeddings [N,D], region tokens [N,G,W] or None when the
+        scorer reads none), from one pass of the frame tower; both L2-normalised, fp32."""
+        if not self.uses_regions:
+            return self.encode_frames(pixels), None
+        if pixels.dim() != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"pixels: expected [N,3,S,S], got shape {tuple(pixels.shape)}")
+        with autocast(self.device):
+            pooled, maps = frames_and_maps(self.clip.visual, pixels.to(self.device, torch.float32))
+        regions = pool_regions(maps.float(), self.config.scorer.grid, self._region_projection)
+        return F.normalize(pooled.float(), dim=-1), regions
+
+    def _regions(self, regions: torch.Tensor | np.ndarray | None, frames: torch.Tensor) -> dict:
+        if not self.uses_regions:
+            return {}
+        if regions is None:
+            raise ValueError("this model's scorer reads region tokens and none were given "
+                             "(an index built without them needs re-indexing with this version)")
+        regions = torch.as_tensor(regions, device=self.device).float()
+        want = (frames.shape[0], frames.shape[1], self.region_cells, self.region_width)
+        if tuple(regions.shape) != want:
+            raise ValueError(f"regions: expected shape {want}, got {tuple(regions.shape)}")
+        return {"regions": regions}
 
     def _frames(self, frames: torch.Tensor | np.ndarray, mask: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         frames = torch.as_tensor(frames, device=self.device).float()
@@ -106,15 +172,27 @@ class VideoTextModel(nn.Module):
         return TextFeatures(tokens=F.normalize(feats.tokens.float(), dim=-1) * feats.mask[..., None],
                             mask=feats.mask, sentence=F.normalize(feats.sentence.float(), dim=-1))
 
+    def encode_scorer_text(self, texts: Sequence[str]) -> TextFeatures:
+        """Token features for the slow scorer: from its own text tower when it has one
+        (``scorer.own_text``), else the same as :meth:`encode_text_features`."""
+        if self.scorer_text is None:
+            return self.encode_text_features(texts)
+        ids = self.tokenize(texts)
+        with autocast(self.device):
+            feats = text_token_features(self.scorer_text, ids)
+        return TextFeatures(tokens=F.normalize(feats.tokens.float(), dim=-1) * feats.mask[..., None],
+                            mask=feats.mask, sentence=F.normalize(feats.sentence.float(), dim=-1))
+
     def text_features_of(self, texts: Sequence[str],
                          encoded: Sequence[tuple[np.ndarray, np.ndarray] | None]) -> TextFeatures:
-        """Token features for ``texts``, taking ``encoded[i]`` (``TextFeatures.rows()``
-        form, from this version) where given and encoding only the others."""
+        """The scorer's token features for ``texts``, taking ``encoded[i]`` (``TextFeatures.rows()``
+        form of :meth:`encode_text_features`, from this version) where given and encoding only the
+        others. A scorer with its own text tower ignores ``encoded`` (it comes from the student's)."""
         if len(encoded) != len(texts):
             raise ValueError(f"text features: {len(encoded)} encodings for {len(texts)} texts")
         missing = [i for i, row in enumerate(encoded) if row is None]
-        if len(missing) == len(texts):
-            return self.encode_text_features(texts)
+        if len(missing) == len(texts) or self.scorer_text is not None:
+            return self.encode_scorer_text(texts)
         rows = list(encoded)
         for i, row in zip(missing, self.encode_text_features([texts[i] for i in missing]).rows() if missing else []):
             rows[i] = row
@@ -124,31 +202,41 @@ class VideoTextModel(nn.Module):
         return TextFeatures.from_rows(rows, self.device)
 
     def _text(self, texts: TextInput) -> TextFeatures:
-        return texts if isinstance(texts, TextFeatures) else self.encode_text_features(texts)
+        return texts if isinstance(texts, TextFeatures) else self.encode_scorer_text(texts)
 
     # ---- slow scoring -------------------------------------------------------------
     def score_pairs(self, texts: TextInput, frames: torch.Tensor, mask: torch.Tensor,
-                    video: torch.Tensor | np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    video: torch.Tensor | np.ndarray | None = None,
+                    regions: torch.Tensor | np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Aligned pairs: text b with video b -> (scores[B], frame_relevance[B,T]).
 
         ``video``[B,D]: the head's embeddings of these videos when the caller has them
         (the index stores them), so a scorer built on them does not recompute them; they
-        must come from this version's head.
+        must come from this version's head. ``regions``[B,T,G,W]: the stored region tokens,
+        required when the scorer is spatial.
         """
         text = self._text(texts)
         frames, mask = self._frames(frames, mask)
         if len(text) != frames.shape[0]:
             raise ValueError(f"score_pairs: {len(text)} texts for {frames.shape[0]} videos")
         video = self._base_video(frames, mask, video)
+        extra = {**({} if video is None else {"video": video}), **self._regions(regions, frames)}
         with autocast(self.device):
-            scores, relevance = self.scorer(text, frames, mask, **({} if video is None else {"video": video}))
+            scores, relevance = self.scorer(text, frames, mask, **extra)
         return scores.float(), relevance.float()
 
     def _base_video(self, frames: torch.Tensor, mask: torch.Tensor,
                     stored: torch.Tensor | np.ndarray | None = None) -> torch.Tensor | None:
-        """The head's video embeddings when the scorer is a residual on them (scorer.base=head):
-        ``stored`` when given, else computed from the frames."""
-        if self.config.scorer.kind != "cross" or self.config.scorer.base != "head":
+        """The student's video embeddings when the scorer reads them: for the spatial scorer from
+        its own frozen head; for scorer.base=head the head's, ``stored`` when given, else
+        computed from the frames."""
+        scorer = self.config.scorer
+        if self.scorer_head is not None:
+            # The teacher's own head, not the (distilled) student's whose vectors the index stores.
+            with autocast(self.device):
+                video, _ = self.scorer_head(frames, mask)
+            return F.normalize(video.float(), dim=-1)
+        if not (scorer.kind == "cross" and scorer.base == "head"):
             return None
         if stored is None:
             return self.aggregate(frames, mask)
@@ -157,17 +245,19 @@ class VideoTextModel(nn.Module):
             raise ValueError(f"video: expected shape {(frames.shape[0], self.embed_dim)}, got {tuple(stored.shape)}")
         return F.normalize(stored, dim=-1)
 
-    def score_query(self, text: str, frames: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def score_query(self, text: str, frames: torch.Tensor, mask: torch.Tensor,
+                    regions: torch.Tensor | np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One query against K candidate videos -> (scores[K], frame_relevance[K,T])."""
         if not isinstance(text, str):
             raise ValueError("text: expected a string")
-        features = self.encode_text_features([text])
+        features = self.encode_scorer_text([text])
         count = int(torch.as_tensor(frames).shape[0])
         index = torch.zeros(count, dtype=torch.long, device=self.device)
-        return self.score_pairs(features.select(index), frames, mask)
+        return self.score_pairs(features.select(index), frames, mask, regions=regions)
 
     def score_matrix(self, texts: TextInput, frames: torch.Tensor, mask: torch.Tensor,
-                     pair_chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+                     pair_chunk: int = 1024,
+                     regions: torch.Tensor | np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """All text x video pairs (the distillation teacher) ->
         (scores[Nt,Nv], frame_relevance[Nt,Nv,T]); pairs are scored ``pair_chunk`` at a time."""
         text = self._text(texts)
@@ -177,10 +267,13 @@ class VideoTextModel(nn.Module):
         video_index = torch.arange(n_video, device=self.device).repeat(n_text)
         scores, relevance = [], []
         video = self._base_video(frames, mask)
+        region_arg = self._regions(regions, frames).get("regions")
         with autocast(self.device):
             for start in range(0, n_text * n_video, pair_chunk):
                 ti, vi = text_index[start:start + pair_chunk], video_index[start:start + pair_chunk]
                 extra = {} if video is None else {"video": video[vi]}
+                if region_arg is not None:
+                    extra["regions"] = region_arg[vi]
                 s, r = self.scorer(text.select(ti), frames[vi], mask[vi], **extra)
                 scores.append(s.float())
                 relevance.append(r.float())
