@@ -211,6 +211,7 @@ def run_training(cfg: RunConfig, settings: Settings, *, progress: bool = True, l
     run_dir = Path(cfg.run_dir).resolve()
     cfg = cfg.model_copy(update={"run_dir": str(run_dir)})
     run_dir.mkdir(parents=True, exist_ok=True)
+    finished = _finished_with_same_config(run_dir, cfg)
     (run_dir / "run.yaml").write_text(cfg.to_yaml())
     model_config, model, init, init_version = _model_config(cfg, settings)
     size = model.image_size if isinstance(model.image_size, int) else min(model.image_size)
@@ -223,8 +224,13 @@ def run_training(cfg: RunConfig, settings: Settings, *, progress: bool = True, l
     log_event(log, "training started", run_dir=str(run_dir), workers=cfg.scaling.num_workers,
               train=len(data["train"]["video_ids"]), val=len(data.get("val", {}).get("video_ids", [])),
               test=len(data.get("test", {}).get("video_ids", [])))
-    _ensure_ray(settings, cfg)
-    _run_trainer(cfg, loop_config)
+    if finished:
+        # Every stage and the evaluation are done for exactly this config (publish settings
+        # aside): go straight to publishing instead of evaluating again.
+        log_event(log, "run already finished; using its final weights and metrics", run_dir=str(run_dir))
+    else:
+        _ensure_ray(settings, cfg)
+        _run_trainer(cfg, loop_config)
     final = run_dir / FINAL_DIR
     if not (final / "metrics.json").is_file():
         raise TrainingError(f"training finished without writing {final / 'metrics.json'}")
@@ -234,6 +240,23 @@ def run_training(cfg: RunConfig, settings: Settings, *, progress: bool = True, l
                        metrics=result["metrics"], logs=json.loads((final / "logs.json").read_text()),
                        data_hash=digest, parent_frame_encoder=model.frame_encoder_id, data_info=_data_info(cfg),
                        val_data_hash=val_data_hash(data["val"]) if "val" in data else None, beta=settings.serve.beta)
+
+
+def _finished_with_same_config(run_dir: Path, cfg: RunConfig) -> bool:
+    """True when ``run_dir`` holds a finished run (final metrics written) whose recorded config
+    equals ``cfg`` in everything but the publish section."""
+    import yaml
+
+    recorded, final = run_dir / "run.yaml", run_dir / FINAL_DIR / "metrics.json"
+    if not (recorded.is_file() and final.is_file()) or final.stat().st_mtime < recorded.stat().st_mtime:
+        return False
+    try:
+        before = yaml.safe_load(recorded.read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    now = cfg.to_dict()
+    return isinstance(before, dict) and {k: v for k, v in before.items() if k != "publish"} == \
+        {k: v for k, v in now.items() if k != "publish"}
 
 
 def _data_info(cfg: RunConfig) -> dict[str, Any]:

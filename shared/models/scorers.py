@@ -64,6 +64,22 @@ def _check_frame_count(mask: torch.Tensor, max_frames: int) -> None:
         raise ValueError(f"more valid frames than the scorer's max_frames={max_frames}")
 
 
+def joint_encoder(width: int, layers: int, heads: int) -> nn.TransformerEncoder:
+    """The cross-encoders' joint transformer: pre-norm, GELU, no dropout, a final LayerNorm.
+    Nested tensors would drop padded rows and make outputs depend on the batch layout."""
+    layer = nn.TransformerEncoderLayer(width, heads, dim_feedforward=4 * width, dropout=0.0,
+                                       activation="gelu", batch_first=True, norm_first=True)
+    return nn.TransformerEncoder(layer, layers, norm=nn.LayerNorm(width), enable_nested_tensor=False)
+
+
+def zero_read_out(width: int) -> nn.Linear:
+    """A width -> 1 read-out that starts at exactly 0 (see the module docstring)."""
+    head = nn.Linear(width, 1)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    return head
+
+
 class CrossEncoderScorer(nn.Module):
     """CLIP4Clip's "tight" cross-encoder.
 
@@ -87,14 +103,8 @@ class CrossEncoderScorer(nn.Module):
         for emb in (self.type_embedding, self.text_position, self.frame_position):
             nn.init.normal_(emb.weight, std=0.01)
         self.cls = nn.Parameter(torch.randn(width) * 0.02)
-        layer = nn.TransformerEncoderLayer(width, heads, dim_feedforward=4 * width, dropout=0.0,
-                                           activation="gelu", batch_first=True, norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, layers, norm=nn.LayerNorm(width), enable_nested_tensor=False)
-        self.score_head = nn.Linear(width, 1)
-        self.relevance_head = nn.Linear(width, 1)
-        for head in (self.score_head, self.relevance_head):
-            nn.init.zeros_(head.weight)
-            nn.init.zeros_(head.bias)
+        self.encoder = joint_encoder(width, layers, heads)
+        self.score_head, self.relevance_head = zero_read_out(width), zero_read_out(width)
         self.logit_scale = nn.Parameter(torch.tensor(_INIT_LOGIT_SCALE))
 
     @torch.no_grad()

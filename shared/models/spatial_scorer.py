@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .masking import masked_softmax, positions, zero_padding
-from .scorers import MAX_LOGIT_SCALE, _check_frame_count, _full_precision, _prepare_frames
+from .scorers import (MAX_LOGIT_SCALE, _check_frame_count, _full_precision, _prepare_frames, joint_encoder,
+                      zero_read_out)
 from .text import TextFeatures
 
 # The score is unbounded, so the temperature only sets where training starts: at 20,
@@ -64,14 +65,8 @@ class SpatialCrossScorer(nn.Module):
         for emb in (self.type_embedding, self.text_position, self.frame_position, self.cell_position):
             nn.init.normal_(emb.weight, std=0.02)
         self.cls = nn.Parameter(torch.randn(width) * 0.02)
-        layer = nn.TransformerEncoderLayer(width, heads, dim_feedforward=4 * width, dropout=0.0,
-                                           activation="gelu", batch_first=True, norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, layers, norm=nn.LayerNorm(width), enable_nested_tensor=False)
-        self.score_head = nn.Linear(width, 1)
-        self.relevance_head = nn.Linear(width, 1)
-        for head in (self.score_head, self.relevance_head):
-            nn.init.zeros_(head.weight)
-            nn.init.zeros_(head.bias)
+        self.encoder = joint_encoder(width, layers, heads)
+        self.score_head, self.relevance_head = zero_read_out(width), zero_read_out(width)
         self.logit_scale = nn.Parameter(torch.tensor(_INIT_LOGIT_SCALE))
 
     @torch.no_grad()
