@@ -21,7 +21,7 @@ import time
 import torch
 
 from common import CACHE_DIR, DOCS_DIR, REPO_ROOT, command_line, isolate_environment, machine_facts, md_table, write_text
-from quality import PERTURBATIONS, eval_set, perturbed_videos, write_perturbed
+from quality_sets import PERTURBATIONS, eval_set, perturbed_videos, write_perturbed
 
 SEED = 9001
 PIXELS = tuple(f for f in PERTURBATIONS if f != "captions")

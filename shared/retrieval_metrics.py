@@ -16,7 +16,8 @@ from typing import Any, Sequence
 import numpy as np
 
 __all__ = ["ranks", "video_to_text_ranks", "summarize_ranks", "retrieval_metrics",
-           "video_to_text_metrics", "moment_metrics", "in_span", "DEFAULT_KS", "MOMENT_TOLERANCE_S"]
+           "video_to_text_metrics", "bootstrap_metric", "bootstrap_interval", "moment_metrics", "in_span",
+           "DEFAULT_KS", "MOMENT_TOLERANCE_S"]
 
 DEFAULT_KS: tuple[int, ...] = (1, 5, 10)
 # Manifest spans are rounded to 0.1 ms and decoded timestamps are float32: a frame shown
@@ -125,6 +126,57 @@ def retrieval_metrics(sim: Any, text_to_video: Any, ks: Sequence[int] = DEFAULT_
 def video_to_text_metrics(sim: Any, text_to_video: Any, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
     """Video->text R@k (percent), MdR and MnR over every video (see video_to_text_ranks)."""
     return summarize_ranks(video_to_text_ranks(sim, text_to_video), ks)
+
+
+def _rank_statistic(picked: np.ndarray, metric: str) -> np.ndarray:
+    """``metric`` of each row of resampled ranks [S, n]."""
+    if metric.startswith("R@") and metric[2:].isdigit() and int(metric[2:]) >= 1:
+        return 100.0 * (picked <= int(metric[2:])).mean(axis=1)
+    if metric == "MdR":
+        return np.median(picked, axis=1)
+    if metric == "MnR":
+        return picked.mean(axis=1)
+    raise ValueError(f"no bootstrap for metric {metric!r} (R@k, MdR or MnR)")
+
+
+def bootstrap_metric(rank_values: Any, metric: str, samples: int = 1000, seed: int = 0,
+                     baseline: Any = None) -> np.ndarray:
+    """``metric`` (R@k in percent, MdR or MnR) on each of ``samples`` bootstrap resamples of
+    the queries: float64[samples].
+
+    With ``baseline`` (the ranks of another system on the same queries, in the same
+    order), each value is ``metric(rank_values) - metric(baseline)`` on the *same*
+    resample: a paired difference, far tighter than two independent intervals, since
+    both systems see the same easy and hard queries.
+    """
+    values = _as_array(rank_values, "ranks")
+    if values.ndim != 1 or values.size == 0:
+        raise ValueError(f"ranks must be a non-empty 1-D array, got shape {values.shape}")
+    other = None if baseline is None else _as_array(baseline, "baseline")
+    if other is not None and other.shape != values.shape:
+        raise ValueError(f"baseline: shape {other.shape} does not match ranks {values.shape}")
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    rng = np.random.default_rng(seed)
+    out = []
+    for start in range(0, samples, 200):  # bounded memory: 200 x n indices at a time
+        index = rng.integers(0, values.size, size=(min(200, samples - start), values.size))
+        stat = _rank_statistic(values[index], metric)
+        out.append(stat if other is None else stat - _rank_statistic(other[index], metric))
+    return np.concatenate(out)
+
+
+def bootstrap_interval(rank_values: Any, metric: str = "R@1", samples: int = 1000, seed: int = 0,
+                       level: float = 0.95, baseline: Any = None) -> tuple[float, float]:
+    """Percentile bootstrap interval (``level``, e.g. 95%) of ``metric`` over resampled
+    queries, or of its paired difference against ``baseline`` (see :func:`bootstrap_metric`).
+    Fixed ``seed``: the same ranks always give the same interval."""
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    stats = bootstrap_metric(rank_values, metric, samples, seed, baseline)
+    tail = 100.0 * (1.0 - level) / 2.0
+    low, high = np.percentile(stats, [tail, 100.0 - tail])
+    return float(low), float(high)
 
 
 def in_span(moment_s: float, start_s: float, end_s: float) -> bool:

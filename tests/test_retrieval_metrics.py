@@ -192,3 +192,49 @@ def test_bad_inputs(sim, t2v, message):
 def test_bad_summary_inputs(rank_values, ks, message):
     with pytest.raises(ValueError, match=message):
         summarize_ranks(rank_values, ks)
+
+
+# --------------------------------------------------------------------------- bootstrap
+def test_bootstrap_interval_brackets_the_metric_and_is_reproducible():
+    from vidsearch.retrieval_metrics import bootstrap_interval
+
+    rank_values = np.array([1] * 80 + [2] * 15 + [7] * 5)  # R@1 80, R@5 95
+    low, high = bootstrap_interval(rank_values, "R@1", samples=2000, seed=3)
+    assert low < 80.0 < high
+    # Binomial standard error sqrt(.8 * .2 / 100) = 4 points: a 95% interval spans about +-8.
+    assert 10.0 < high - low < 22.0
+    assert bootstrap_interval(rank_values, "R@1", samples=2000, seed=3) == (low, high)
+    assert bootstrap_interval(np.ones(50, dtype=np.int64), "R@1") == (100.0, 100.0)
+    assert bootstrap_interval(rank_values, "R@10") == (100.0, 100.0)
+    md_low, md_high = bootstrap_interval(rank_values, "MdR")
+    assert md_low == md_high == 1.0
+
+
+def test_bootstrap_paired_difference_is_exact_when_systems_differ_by_a_constant():
+    from vidsearch.retrieval_metrics import bootstrap_interval, bootstrap_metric
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(1, 6, size=200)
+    better = np.maximum(base - 1, 1)
+    diffs = bootstrap_metric(better, "R@1", samples=500, seed=1, baseline=base)
+    assert diffs.shape == (500,) and (diffs >= 0).all()
+    # Same resample for both: MnR moves by exactly the share of ranks that could drop.
+    mnr = bootstrap_metric(better, "MnR", samples=300, seed=1, baseline=base)
+    assert (mnr <= 0).all() and (mnr >= -1.0).all()
+    assert bootstrap_interval(base, "R@1", baseline=base) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"rank_values": np.array([], dtype=np.int64)}, "non-empty"),
+    ({"metric": "P@1"}, "no bootstrap"),
+    ({"metric": "R@0"}, "no bootstrap"),
+    ({"baseline": np.ones(3, dtype=np.int64)}, "does not match"),
+    ({"level": 1.0}, "level"),
+    ({"samples": 0}, "samples"),
+])
+def test_bootstrap_bad_inputs(kwargs, message):
+    from vidsearch.retrieval_metrics import bootstrap_interval
+
+    args = {"rank_values": np.ones(5, dtype=np.int64), "metric": "R@1", **kwargs}
+    with pytest.raises(ValueError, match=message):
+        bootstrap_interval(**args)
