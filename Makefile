@@ -32,6 +32,7 @@ bench: install
 	$(PY) benchmarks/quality.py --long
 	$(PY) benchmarks/quality_perturbations.py
 	$(PY) benchmarks/distill_probe.py
+	$(PY) benchmarks/regions.py
 	$(PY) -m pip install -q --no-build-isolation -e '.[dev,bench]'
 	$(PY) benchmarks/decode.py
 	$(PY) benchmarks/store.py

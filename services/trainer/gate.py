@@ -20,7 +20,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from vidsearch.retrieval_metrics import ranks
+from vidsearch.retrieval_metrics import bootstrap_metric, ranks
 
 from .evaluate import EvalSet, rerank_similarity, student_matrix, teacher_matrix
 
@@ -91,19 +91,7 @@ def bootstrap_se(rank_values: np.ndarray, metric: str, samples: int = BOOTSTRAP_
     values = np.asarray(rank_values)
     if values.size < 2:
         return 0.0
-    rng = np.random.default_rng(seed)
-    stats = []
-    for start in range(0, samples, 200):  # bounded memory: 200 x n indices at a time
-        picked = values[rng.integers(0, values.size, size=(min(200, samples - start), values.size))]
-        if metric.startswith("R@"):
-            stats.append(100.0 * (picked <= int(metric[2:])).mean(axis=1))
-        elif metric == "MdR":
-            stats.append(np.median(picked, axis=1))
-        elif metric == "MnR":
-            stats.append(picked.mean(axis=1))
-        else:
-            raise ValueError(f"no bootstrap for metric {metric!r}")
-    return float(np.concatenate(stats).std(ddof=1))
+    return float(bootstrap_metric(values, metric, samples=samples, seed=seed).std(ddof=1))
 
 
 def se_metrics(split: str, row_ranks: Mapping[str, np.ndarray], prefix: str = "",
