@@ -10,10 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from ingest_support import make_settings
-from reindex_support import WorkerThread, produce, publish_first, registry_of, upsert, wait_for
+from reindex_support import PRESET, WorkerThread, produce, publish_first, registry_of, upsert, wait_for
 from vidsearch.models.persist import PRODUCTION_ALIAS
 from vidsearch.services.trainer.config import parse_run_config
 from vidsearch.services.trainer.errors import TrainingError
@@ -29,7 +30,7 @@ def indexed(ray_local, broker, tmp_path_factory):
     generate_dataset(root / "synth", 24, seed=5, progress=False)
     settings = make_settings(bootstrap=broker.bootstrap, store_path=root / "store", video_root=root / "synth",
                              registry=root / "registry")
-    first = publish_first(settings)
+    first = _publish_noisy_head(settings)
     records = load_manifest(root / "synth")
     worker = WorkerThread(settings)
     try:
@@ -45,14 +46,37 @@ def indexed(ray_local, broker, tmp_path_factory):
     return settings, first, root
 
 
+def _publish_noisy_head(settings) -> str:
+    """The first version, production, with a broken head (not frame tower) that maps every video
+    to the same vector. The run starts from the same seeded base model (so the same frame
+    encoder, whose frames the index holds) with a working head, and beats it on val: the gate
+    lets it through by construction, whatever a few steps on five val videos do."""
+    from vidsearch.models.persist import load_model_version, save_model_version
+
+    first = publish_first(settings)
+    registry = registry_of(settings)
+    model, _ = load_model_version(registry, settings.model.model_name, first, device="cpu")
+    with torch.no_grad():  # every video gets one and the same embedding: student R@1 is 0 (ties rank last)
+        model.head.temporal.out.weight.zero_()
+        model.head.temporal.out.bias.fill_(2.0 ** 30)
+    version = save_model_version(registry, settings.model.model_name, model, training={"note": "noisy head"})
+    registry.set_alias(settings.model.model_name, PRODUCTION_ALIAS, version)
+    return version
+
+
 def _config(root: Path, **publish: object) -> dict:
     return {"name": "index", "seed": 0, "run_dir": str(root / "run"), "log_every": 5, "checkpoint_every": 50,
-            "eval_every": 50, "model": {"init_from": PRODUCTION_ALIAS},
+            "eval_every": 50, "model": {"preset": PRESET},
             "data": {"kind": "synth", "path": str(root / "synth"), "frames": "index"},
+            # What is under test is reading the index's frames and re-indexing from them: the
+            # student stage is InfoNCE on the head alone (a 6-step teacher has
+            # nothing to teach), and the gate asks only for a better student, not a margin.
             "stages": {"backbone": {"enabled": False}, "teacher": {"steps": 6, "batch_size": 8},
-                       "distill": {"steps": 6, "batch_size": 8, "baseline": False}},
+                       "distill": {"steps": 30, "batch_size": 8, "lr": 0.005, "baseline": False, "train_text": False,
+                                   "in_weight": 1.0, "alpha": 0.0, "gamma": 0.0}},
             "scaling": {"num_workers": 1, "cpus_per_worker": 1},
-            "publish": {"registry": str(root / "registry"), **publish}}
+            "publish": {"registry": str(root / "registry"), "gate_se_k": 0.0, "gate_rerank_metric": None,
+                        **publish}}
 
 
 def test_training_reads_stored_frames_and_reindexes_without_decoding(indexed):
