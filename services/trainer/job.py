@@ -117,7 +117,11 @@ def _with_scorer(model: Any, scorer: dict[str, Any], seed: int, *, fresh_scorer:
     if unknown:
         raise TrainingError(f"model.scorer: the new scorer has no place for {sorted(unknown)[0]}")
     rebuilt.load_state_dict({**state, **kept}, strict=True)
-    rebuilt.freeze_teacher_view()
+    # New copies for the scorer (where the version had none) are the student's as it is now;
+    # copies the version has are the ones its teacher was trained with, and stay.
+    new = set(state) - set(kept)
+    rebuilt.freeze_teacher_view(text=any(k.startswith("scorer_text.") for k in new),
+                                head=any(k.startswith("scorer_head.") for k in new))
     rebuilt.frame_encoder_id = model.frame_encoder_id
     return rebuilt
 

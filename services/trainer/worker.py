@@ -189,10 +189,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     mined = mine_neighbours(model, features, bank, MINED_NEGATIVES)
     neighbours = merge_neighbours(twins, mined)
 
-    # The scorer's own text tower and head are the student's as the teacher is trained on
-    # them; a teacher checkpoint, when resumed, restores the same weights.
-    model.freeze_teacher_view()
     if stages.teacher.enabled:
+        # The scorer's own text tower and head are the student's as the teacher is trained on
+        # them; a teacher checkpoint, when resumed, restores the same weights. Without a teacher
+        # stage the scorer keeps the copies it was trained with.
+        model.freeze_teacher_view()
         if load_stage_state(ctx, "teacher") is None:
             _start_teacher_at_student_temperature(model)
         params = _set_trainable(model, model.scorer)

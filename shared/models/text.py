@@ -7,6 +7,7 @@ projection) and keeps every position up to the pooled token.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -126,8 +127,6 @@ class ScorerTextTower(nn.Module):
 
     def __init__(self, clip: nn.Module) -> None:
         super().__init__()
-        import copy
-
         tower = _tower(clip)
         for name in self._COPIED:
             value = getattr(tower, name)

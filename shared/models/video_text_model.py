@@ -79,13 +79,13 @@ class VideoTextModel(nn.Module):
         return self.config.scorer.uses_regions
 
     @torch.no_grad()
-    def freeze_teacher_view(self) -> None:
-        """Give the slow scorer its own copies of the student's text tower and head as they are
-        now (before the teacher is trained on them): later training of the student leaves the
-        teacher's inputs as they were."""
-        if self.scorer_text is not None:
+    def freeze_teacher_view(self, text: bool = True, head: bool = True) -> None:
+        """Give the slow scorer its own copies of the student's text tower and/or head as they
+        are now (before the teacher is trained on them): later training of the student leaves
+        the teacher's inputs as they were."""
+        if text and self.scorer_text is not None:
             self.scorer_text.copy_from(self.clip)
-        if self.scorer_head is not None:
+        if head and self.scorer_head is not None:
             self.scorer_head.load_state_dict(self.head.state_dict())
 
     @property
@@ -164,24 +164,21 @@ class VideoTextModel(nn.Module):
             features = text_token_features(self.clip, ids).sentence
         return F.normalize(features.float(), dim=-1)
 
-    def encode_text_features(self, texts: Sequence[str]) -> TextFeatures:
-        """Token-level features for the scorers: tokens[B,L,D], mask[B,L], sentence[B,D]."""
+    def _token_features(self, tower: nn.Module, texts: Sequence[str]) -> TextFeatures:
         ids = self.tokenize(texts)
         with autocast(self.device):
-            feats = text_token_features(self.clip, ids)
+            feats = text_token_features(tower, ids)
         return TextFeatures(tokens=F.normalize(feats.tokens.float(), dim=-1) * feats.mask[..., None],
                             mask=feats.mask, sentence=F.normalize(feats.sentence.float(), dim=-1))
+
+    def encode_text_features(self, texts: Sequence[str]) -> TextFeatures:
+        """Token-level features of the student's text tower: tokens[B,L,D], mask[B,L], sentence[B,D]."""
+        return self._token_features(self.clip, texts)
 
     def encode_scorer_text(self, texts: Sequence[str]) -> TextFeatures:
         """Token features for the slow scorer: from its own text tower when it has one
         (``scorer.own_text``), else the same as :meth:`encode_text_features`."""
-        if self.scorer_text is None:
-            return self.encode_text_features(texts)
-        ids = self.tokenize(texts)
-        with autocast(self.device):
-            feats = text_token_features(self.scorer_text, ids)
-        return TextFeatures(tokens=F.normalize(feats.tokens.float(), dim=-1) * feats.mask[..., None],
-                            mask=feats.mask, sentence=F.normalize(feats.sentence.float(), dim=-1))
+        return self._token_features(self.clip if self.scorer_text is None else self.scorer_text, texts)
 
     def text_features_of(self, texts: Sequence[str],
                          encoded: Sequence[tuple[np.ndarray, np.ndarray] | None]) -> TextFeatures:
