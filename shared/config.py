@@ -50,6 +50,13 @@ class BrokerSettings(_Section):
     max_poll_interval_ms: int = Field(300_000, ge=1000, description='max time between polls before the group evicts a worker')
     max_poll_records: int = Field(32, ge=1, description='records per poll, i.e. the largest ingest batch')
     embedded_host: str = Field("127.0.0.1", min_length=1, description="address the embedded broker listens on (loopback by default)")
+    storage: Literal["durable", "memory"] = Field(
+        "durable", description="embedded broker storage: durable (queued messages, consumer offsets and the DLQ "
+        "survive a stop or crash; files under broker.data_dir) | memory (lost when the broker stops)")
+    data_dir: str = Field("./data/broker", min_length=1, description="where the durable embedded broker keeps its "
+                          "data, with the 0600 secret of its local object server")
+    storage_port: int = Field(0, ge=0, le=65535, description="port (on 127.0.0.1) of the durable embedded broker's "
+                              "object server; 0 = any free port")
     max_request_bytes: int = Field(1_048_576, ge=16_384, description="largest produce request the clients send "
                                    "(kafka max_request_size); DLQ records are built to fit it")
     # Security of an external Kafka (the Helm chart sets these from a Secret); every
@@ -265,7 +272,7 @@ def _env_overrides(env: Mapping[str, str]) -> dict:
         if section not in Settings.model_fields:
             raise ConfigError(f"{name}: unknown settings section '{section}'")
         value = (raw if key in ("bootstrap", "url", "address", "api_key", "path", "sasl_username", "sasl_password",
-                                "ssl_cafile") else _parse_env_value(raw))
+                                "ssl_cafile", "data_dir") else _parse_env_value(raw))
         _set_nested(tree, section, key, value)
     return tree
 

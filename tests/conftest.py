@@ -12,7 +12,10 @@ for _var in ("RAY_ADDRESS", "KAFKA_BOOTSTRAP", "QDRANT_URL", "QDRANT_API_KEY", "
     os.environ.pop(_var, None)
 # ... and off a `vidsearch up` the developer is running: commands find one through its
 # state file (stack.state_file), so the tests get an empty location of their own.
-os.environ["VIDSEARCH_STACK__STATE_FILE"] = os.path.join(tempfile.mkdtemp(prefix="vidsearch-tests-"), "stack.json")
+_TEST_HOME = tempfile.mkdtemp(prefix="vidsearch-tests-")
+os.environ["VIDSEARCH_STACK__STATE_FILE"] = os.path.join(_TEST_HOME, "stack.json")
+# ... and off its durable broker data (broker.data_dir, ./data/broker by default).
+os.environ["VIDSEARCH_BROKER__DATA_DIR"] = os.path.join(_TEST_HOME, "broker")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # No hub is reachable here: fail a pretrained-tag download at once instead of retrying.

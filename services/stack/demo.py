@@ -81,7 +81,12 @@ def demo_settings(settings: Settings, options: DemoOptions) -> Settings:
     if "metrics_port" not in ingest.model_fields_set:
         # The default port may be taken on a shared machine; the demo does not need it.
         ingest = ingest.model_copy(update={"metrics_port": 0})
-    return settings.model_copy(update={"model": model, "store": store, "decode": decode, "ingest": ingest})
+    broker = settings.broker
+    if "data_dir" not in broker.model_fields_set:
+        # The demo's queued messages live with its other data, not in ./data/broker.
+        broker = broker.model_copy(update={"data_dir": str(data / "broker")})
+    return settings.model_copy(update={"model": model, "store": store, "decode": decode, "ingest": ingest,
+                                       "broker": broker})
 
 
 def ensure_dataset(root: Path, n: int, seed: int = SEED) -> Path:

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 
 import yaml
 
-from vidsearch.broker import EmbeddedBroker, ensure_topics
+from vidsearch.broker import BrokerError, EmbeddedBroker, ensure_topics
 from vidsearch.config import Settings
 from vidsearch.stack_state import StackState, env_for, remove_state, state_path, write_state
 from vidsearch.telemetry import log_event
@@ -208,6 +208,8 @@ class LocalStack:
                  "store": s.store.url or str(Path(s.store.path).expanduser().resolve())}
         if self._want_worker and s.ingest.metrics_port:
             found["metrics"] = f"{s.ingest.metrics_host}:{s.ingest.metrics_port}"
+        if self.broker is not None:
+            found["broker_storage"] = self.broker.describe_storage()
         return found
 
     def env(self) -> dict[str, str]:
@@ -281,11 +283,20 @@ class LocalStack:
         broker = self.settings.broker
         topics = (broker.ingest_topic, broker.dlq_topic)
         if broker.bootstrap is None:
-            self.broker = EmbeddedBroker(partitions=broker.partitions, topics=topics,
-                                         host=broker.embedded_host).start()
+            # Durable by default: Tansu's s3 engine on a local object server under data_dir
+            # (vidsearch.objstore), so what was not ingested yet survives a restart.
+            data_dir = broker.data_dir if broker.storage == "durable" else None
+            self.broker = EmbeddedBroker(partitions=broker.partitions, topics=topics, host=broker.embedded_host,
+                                         data_dir=data_dir, storage_port=broker.storage_port)
+            try:
+                self.broker.start()
+            except BrokerError as exc:
+                lines = str(exc).strip().splitlines() or ["the embedded broker did not start"]
+                raise StackError(lines[0] + (f" ... {lines[-1].strip()}" if len(lines) > 1 else "")) from None
             self.settings = self.settings.model_copy(
                 update={"broker": broker.model_copy(update={"bootstrap": self.broker.bootstrap})})
-            log_event(log, "embedded broker up", bootstrap=self.broker.bootstrap)
+            log_event(log, "embedded broker up", bootstrap=self.broker.bootstrap,
+                      storage=self.broker.describe_storage())
         else:
             ensure_topics(broker.bootstrap, topics, broker.partitions)
 
@@ -372,7 +383,8 @@ class LocalStack:
     def check_alive(self) -> None:
         """Raise StackError when a piece is gone for good; restart a dead ingest worker
         with capped exponential backoff (stack.worker_restart_*) instead of stopping:
-        the embedded broker keeps its queued messages only while the stack runs."""
+        ingestion resumes without a restart of the whole stack (and, with memory storage,
+        without losing what the broker holds)."""
         if self.worker is not None and self.worker.poll() is not None:
             self._schedule_worker_restart()
         if self._worker_restart_at is not None and time.monotonic() >= self._worker_restart_at:
@@ -380,8 +392,7 @@ class LocalStack:
             self.worker_restarts += 1
             self._start_worker()
         if self.broker is not None and not self.broker.running:
-            tail = self.broker.output_tail().strip().splitlines()
-            raise StackError("embedded broker exited" + (f": {tail[-1]}" if tail else ""))
+            raise StackError(self.broker.failure())
 
     def _schedule_worker_restart(self) -> None:
         code = self.worker.returncode

@@ -78,7 +78,9 @@ def broker_status(settings: Settings, status: StackStatus, metrics_endpoint: str
                                  enable_auto_commit=False, request_timeout_ms=timeout_ms + 1000)
         topics = admin.list_topics()
         missing = [t for t in (b.ingest_topic, b.dlq_topic) if t not in topics]
-        return f"{b.bootstrap}" + (f" (missing topics: {', '.join(missing)})" if missing else "")
+        from vidsearch.broker import storage_note  # the embedded broker's storage, from the state file
+
+        return f"{b.bootstrap}{storage_note(settings)}" + (f" (missing topics: {', '.join(missing)})" if missing else "")
 
     _probe(status, "broker", probe_broker)
     if admin is None or consumer is None:

@@ -12,7 +12,8 @@ from vidsearch.stack_state import export_lines, read_state, state_path
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.description = ("Start the embedded stack: a local Kafka-compatible broker, the embedded Qdrant "
+    parser.description = ("Start the embedded stack: a local Kafka-compatible broker (durable under "
+                          "broker.data_dir unless broker.storage=memory), the embedded Qdrant "
                           "store, a local Ray, the ingest worker, the gRPC search service and the search page. "
                           "Pieces whose "
                           "endpoint is set (KAFKA_BOOTSTRAP, QDRANT_URL, RAY_ADDRESS) are used, not started. "
@@ -50,8 +51,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     try:
         with LocalStack(settings, worker=not args.no_worker) as stack:
             s = stack.settings
+            storage = f" (storage: {stack.broker.describe_storage()})" if stack.broker is not None else ""
             print(f"vidsearch is up: gRPC on {stack.endpoints()['grpc']} (application {s.serve.app_name!r}), "
-                  f"Kafka on {s.broker.bootstrap}, Ray at {s.ray.address}.\n"
+                  f"Kafka on {s.broker.bootstrap}{storage}, Ray at {s.ray.address}.\n"
                   f"  ingest:  KAFKA_BOOTSTRAP={s.broker.bootstrap} vidsearch ingest FILES... "
                   f"(files under {', '.join(s.decode.allowed_prefixes)})\n"
                   f"  search:  vidsearch search 'a red ball' --address 127.0.0.1:{s.serve.grpc_port}\n"
