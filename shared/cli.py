@@ -13,6 +13,7 @@ import logging
 import sys
 
 from vidsearch.config import ConfigError, load_settings
+from vidsearch.redact import redact
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -83,10 +84,10 @@ def main(argv: list[str] | None = None) -> int:
             settings, _ = attach(settings, args.config)
         return int(module.run(args, settings) or 0)
     except ConfigError as exc:
-        print(f"vidsearch: {exc}", file=sys.stderr)
+        print(redact(f"vidsearch: {exc}"), file=sys.stderr)
         return EXIT_USAGE
     except CommandError as exc:
-        print(f"vidsearch {head.command}: {exc}", file=sys.stderr)
+        print(redact(f"vidsearch {head.command}: {exc}"), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"vidsearch {head.command}: interrupted", file=sys.stderr)
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         hint = connection_hint(exc)
         if hint is None:
             raise
-        print(f"vidsearch {head.command}: {hint}", file=sys.stderr)
+        print(redact(f"vidsearch {head.command}: {hint}"), file=sys.stderr)
         return 1
 
 

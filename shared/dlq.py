@@ -13,9 +13,11 @@ A record says what failed (``error_class``, ``reason``), where it came from
   the broker never refuses it as too large. JSON escaping can blow text up sixfold
   (a control character becomes ``\\u0001``); such text is kept as base64 instead,
   which grows by a third at most.
-* **Redacted.** Credentials never reach the DLQ: in every URL of the kept value,
-  user-info is removed and the query and fragment (where presigned urls and tokens
-  live) become ``?<redacted>``.
+* **Redacted.** Credentials never reach the DLQ: the reason, the kept value and the
+  key pass through :mod:`vidsearch.redact` (url user-info, credential query parameters
+  on urls and bare paths, secret-named fields, Authorization values). A value that is
+  whole JSON is redacted decoded (:func:`~vidsearch.redact.redact_json`), so no escape
+  hides a secret; a kept prefix is redacted before it is cut.
 
 A record whose value is complete and unredacted can be replayed byte for byte
 (``vidsearch dlq --replay``); :func:`replayable_value` says which.
@@ -23,11 +25,13 @@ A record whose value is complete and unredacted can be replayed byte for byte
 from __future__ import annotations
 
 import base64
+import copy
 import hashlib
 import json
-import re
 from datetime import datetime, timezone
 from typing import Any
+
+from .redact import REDACTED, redact, redact_cut, redact_json, redact_prefix, redact_text
 
 # What is kept of a key (Kafka keys are ids here; a huge one is a bad message anyway).
 MAX_KEY_BYTES = 1024
@@ -35,27 +39,26 @@ MAX_KEY_BYTES = 1024
 MAX_REASON_CHARS = 2000
 # Room in a produce request for the record's key, headers and batch framing.
 _REQUEST_OVERHEAD = 1024
-REDACTED = "<redacted>"
-
-# A URL inside arbitrary text: scheme://[user-info@]host/path[?query][#fragment]. JSON
-# may escape the slashes ("https:\/\/"), hence the optional backslashes.
-_URL_RE = re.compile(
-    r"(?i)\b(?P<scheme>[a-z][a-z0-9+.-]*:(?:\\?/){2})(?P<userinfo>[^\s\"'\\/@?#]*@)?"
-    r"(?P<rest>[^\s\"'?#]*)(?P<query>\?[^\s\"'#]*)?(?P<fragment>#[^\s\"']*)?")
+# How far past the kept prefix redaction looks, so a credential cut in two is still seen.
+_LOOKAHEAD = 4096
 
 
-def redact_text(text: str) -> tuple[str, bool]:
-    """``text`` with the credentials of every URL in it removed; and whether any were."""
-    changed = False
-
-    def scrub(match: re.Match) -> str:
-        nonlocal changed
-        if not (match["userinfo"] or match["query"] or match["fragment"]):
-            return match[0]
-        changed = True
-        return match["scheme"] + match["rest"] + ("?" + REDACTED if match["query"] or match["fragment"] else "")
-
-    return _URL_RE.sub(scrub, text), changed
+def redact_value_text(text: str) -> tuple[str, bool]:
+    """A whole message as text, redacted; and whether anything was. JSON is redacted
+    decoded and re-encoded (only when something changed), anything else as text."""
+    try:
+        body = json.loads(text)
+    except (ValueError, RecursionError):
+        return redact_text(text)
+    if not isinstance(body, (dict, list)):
+        return redact_text(text)
+    try:
+        clean = json.dumps(redact_json(body), ensure_ascii=False)
+        if clean == json.dumps(body, ensure_ascii=False):
+            return redact_text(text)
+    except (RecursionError, ValueError):
+        return redact_text(text)
+    return redact(clean), True
 
 
 def _prefix_text(raw: bytes, keep: int) -> tuple[str | None, int]:
@@ -70,6 +73,20 @@ def _prefix_text(raw: bytes, keep: int) -> tuple[str | None, int]:
         return None, 0
 
 
+def _window_text(raw: bytes, keep: int) -> str | None:
+    """UTF-8 text of ``raw``'s first ``keep`` bytes and up to _LOOKAHEAD more (stopping
+    early at bytes that are not UTF-8 past the cut); None when the first ``keep`` are not."""
+    text, _ = _prefix_text(raw, keep + _LOOKAHEAD)
+    if text is not None:
+        return text
+    try:
+        raw[:keep + _LOOKAHEAD].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start >= keep:
+            return raw[:exc.start].decode("utf-8")
+    return None
+
+
 def bytes_field(raw: bytes | None, keep: int) -> dict[str, Any]:
     """The ``value``/``key`` field for ``raw``: at most ``keep`` bytes, redacted, with the
     size and sha256 of the whole."""
@@ -79,20 +96,28 @@ def bytes_field(raw: bytes | None, keep: int) -> dict[str, Any]:
     field: dict[str, Any] = {"size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
     if keep <= 0 and raw:
         return {"encoding": None, "data": None, **field, "truncated": True, "redacted": False}
-    text, used = _prefix_text(raw, keep)
+    truncated = len(raw) > keep
+    # Redaction sees a little past the cut (a credential straddling it), then the cut is made.
+    text = _window_text(raw, keep) if truncated else _prefix_text(raw, keep)[0]
     if text is not None:
-        text, redacted = redact_text(text)
-        # Text that JSON escaping would blow up (control characters) goes as base64.
-        if len(json.dumps(text, ensure_ascii=False).encode("utf-8")) <= used * 4 // 3 + 16:
-            return {"encoding": "utf-8", "data": text, **field, "truncated": used < len(raw), "redacted": redacted}
+        if truncated:
+            text, redacted = redact_prefix(text, keep, complete=False)
+        else:
+            text, redacted = redact_value_text(text)
+            whole = text
+            text, _ = redact_prefix(whole, keep, complete=True)  # a re-encoded value may be longer
+            truncated = text != whole
         kept = text.encode("utf-8")
+        # Text that JSON escaping would blow up (control characters) goes as base64.
+        if len(json.dumps(text, ensure_ascii=False).encode("utf-8")) <= len(kept) * 4 // 3 + 16:
+            return {"encoding": "utf-8", "data": text, **field, "truncated": truncated, "redacted": redacted}
     else:
         # Not UTF-8: URLs in it are still ASCII, and latin-1 maps every byte to one char.
-        scrubbed, redacted = redact_text(raw[:keep].decode("latin-1"))
+        window = raw[:keep + _LOOKAHEAD].decode("latin-1")
+        scrubbed, redacted = redact_prefix(window, keep, "latin-1", complete=not truncated)
         kept = scrubbed.encode("latin-1")
-        used = min(keep, len(raw))
     return {"encoding": "base64", "data": base64.b64encode(kept).decode("ascii"), **field,
-            "truncated": used < len(raw), "redacted": redacted}
+            "truncated": truncated, "redacted": redacted}
 
 
 def decode_dlq_bytes(field_value: dict[str, Any]) -> bytes | None:
@@ -130,7 +155,7 @@ def dlq_record(original_value: bytes | None, original_key: bytes | None, topic: 
     for the key and framing: the kept prefix shrinks until it does (down to nothing,
     when size, sha256 and the source coordinates are all that fit).
     """
-    reason_text, _ = redact_text(str(reason)[:MAX_REASON_CHARS])
+    reason_text = redact_cut(reason, MAX_REASON_CHARS)
     budget = max(max_record_bytes - _REQUEST_OVERHEAD - len(dlq_key(original_key) or b""), 512)
     keep = max(0, keep_bytes)
     while True:
@@ -153,7 +178,36 @@ def minimal_dlq_record(original_value: bytes | None, original_key: bytes | None,
     """The smallest record: no bytes of the message, only its size, sha256 and where it was.
     What the worker falls back to when the broker refuses a full record for good."""
     return dlq_record(original_value, original_key, topic, partition, offset, error_class,
-                      str(reason)[:300], keep_bytes=0, max_record_bytes=16_384)
+                      redact_cut(reason, 300), keep_bytes=0, max_record_bytes=16_384)
+
+
+def redact_record(record: dict[str, Any]) -> dict[str, Any]:
+    """A DLQ record as read back, redacted again before it is shown (records written by
+    an older worker, or by another producer, may still hold credentials)."""
+    out = copy.deepcopy(record)
+    out["reason"] = redact(out.get("reason", ""))
+    out["error_class"] = redact(out.get("error_class", ""))
+    for name in ("value", "key"):
+        field_value = out.get(name)
+        if not isinstance(field_value, dict) or field_value.get("data") is None:
+            continue
+        try:
+            raw = decode_dlq_bytes(field_value)
+        except (ValueError, TypeError):
+            field_value["data"], field_value["redacted"] = REDACTED, True
+            continue
+        encoding = "latin-1" if field_value.get("encoding") == "base64" else "utf-8"
+        text = (raw or b"").decode(encoding, "replace")
+        if field_value.get("truncated"):
+            clean, changed = redact_prefix(text, len(text.encode(encoding, "replace")), encoding, complete=False)
+            changed = changed or clean != text
+        else:
+            clean, changed = redact_value_text(text)
+        if changed:
+            data = clean.encode(encoding, "replace")
+            field_value["data"] = base64.b64encode(data).decode("ascii") if encoding == "latin-1" else clean
+            field_value["redacted"] = True
+    return out
 
 
 def parse_dlq_record(raw: bytes) -> dict[str, Any]:

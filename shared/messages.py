@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 from .config import MessageSettings
+from .redact import redact
 
 # Error classes a parse failure can have (the DLQ record's ``error_class``).
 BAD_JSON = "bad_json"
@@ -33,9 +34,11 @@ MAX_VIDEO_ID_CHARS = 256
 
 
 class MessageError(ValueError):
-    """An ingest message that can never be processed (a DLQ case, not a retry)."""
+    """An ingest message that can never be processed (a DLQ case, not a retry).
+    ``reason`` is redacted here (vidsearch.redact): it goes to the DLQ and the logs."""
 
     def __init__(self, error_class: str, reason: str) -> None:
+        reason = redact(reason)
         super().__init__(f"{error_class}: {reason}")
         self.error_class = error_class
         self.reason = reason

@@ -1,10 +1,18 @@
-"""Structured logging (one JSON object per line when VIDSEARCH_LOG_FORMAT=json)."""
+"""Structured logging (one JSON object per line when VIDSEARCH_LOG_FORMAT=json).
+
+Every line is redacted (vidsearch.redact): :func:`log_event` redacts the message and
+its fields where they are logged, and both formatters redact what they write, so
+tracebacks and plain ``logger.info`` calls can't carry a credential out either.
+"""
 from __future__ import annotations
 
 import json
 import logging
 import os
 import time
+from typing import Any
+
+from .redact import REDACTED, is_sensitive_name, redact, redact_json
 
 
 class JsonFormatter(logging.Formatter):
@@ -18,7 +26,7 @@ class JsonFormatter(logging.Formatter):
         entry.update(getattr(record, "fields", {}) or {})
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
+        return json.dumps(redact_json(json.loads(json.dumps(entry, default=str))))
 
 
 class KeyValueFormatter(logging.Formatter):
@@ -29,7 +37,7 @@ class KeyValueFormatter(logging.Formatter):
         out = f"{base} {extra}" if extra else base
         if record.exc_info:
             out += "\n" + self.formatException(record.exc_info)
-        return out
+        return redact(out)
 
 
 NOISY_LOGGERS = ("kafka", "urllib3", "httpx")
@@ -51,6 +59,21 @@ def configure_logging(level: str = "INFO") -> None:
     logging.getLogger("kafka.net.selector").setLevel(logging.DEBUG if debug else logging.ERROR)
 
 
-def log_event(logger: logging.Logger, msg: str, level: int = logging.INFO, **fields) -> None:
-    """Log with structured key/value fields (rendered as JSON or key=value)."""
-    logger.log(level, msg, extra={"fields": fields})
+def _clean_field(name: str, value: Any) -> Any:
+    if is_sensitive_name(name) and not (value is None or (isinstance(value, str) and not value)):
+        return REDACTED
+    if isinstance(value, (bool, int, float)) or value is None:
+        return value
+    if isinstance(value, str):
+        return redact(value)
+    shown = str(value)
+    clean = redact(shown)
+    return value if clean == shown else clean
+
+
+def log_event(logger: logging.Logger, msg: str, level: int = logging.INFO, **fields: Any) -> None:
+    """Log with structured key/value fields (rendered as JSON or key=value), redacted."""
+    if not logger.isEnabledFor(level):
+        return
+    clean = {name: _clean_field(name, value) for name, value in fields.items()}
+    logger.log(level, redact(msg), extra={"fields": clean})

@@ -20,6 +20,7 @@ from typing import Any, BinaryIO
 from urllib.parse import unquote, urlsplit
 
 from vidsearch.config import DecodeSettings
+from vidsearch.redact import redact, redact_uri
 
 # Schemes this module knows how to read; settings.decode.allowed_schemes picks from these.
 KNOWN_SCHEMES = ("file", "http", "https", "s3")
@@ -29,11 +30,13 @@ _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
 
 
 class VideoError(Exception):
-    """A video that can't be used; ``error_class`` is stable, ``reason`` is for humans."""
+    """A video that can't be used; ``error_class`` is stable, ``reason`` is for humans
+    (and never holds a credential: it is redacted here, where every reason is built)."""
 
     error_class = "video_error"
 
     def __init__(self, reason: str) -> None:
+        reason = redact(reason)
         super().__init__(reason)
         self.reason = reason
 
@@ -172,21 +175,9 @@ def as_storage_error(exc: BaseException, display: str) -> BaseException:
     """
     if isinstance(exc, (VideoError, OSError)):
         return exc
-    error = OSError(f"reading {display!r} failed: {type(exc).__name__}: {exc}")
+    error = OSError(redact(f"reading {display!r} failed: {type(exc).__name__}: {exc}"))
     error.__cause__ = exc
     return error
-
-
-def redact_uri(uri: str, limit: int = 300) -> str:
-    """``uri`` fit for error messages, DLQ records and logs: a url loses its
-    user:password, query and fragment (presigned urls carry credentials there),
-    and anything very long is cut short."""
-    text = str(uri)
-    if _SCHEME_RE.match(text) and "://" in text:
-        parts = urlsplit(text)
-        host = parts.netloc.rpartition("@")[2]
-        text = f"{parts.scheme}://{host}{parts.path}" + ("?..." if parts.query or parts.fragment else "")
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def public_uri(uri: str) -> str:
@@ -225,6 +216,8 @@ def resolve_uri(uri: str, settings: DecodeSettings) -> ResolvedURI:
 
 def _file_uri_to_path(uri: str) -> str:
     parts = urlsplit(uri)
+    if "@" in parts.netloc:
+        raise UnsupportedURI(f"file uri must not carry user-info (user:password@): {redact_uri(uri)!r}")
     if parts.netloc not in ("", "localhost"):
         raise UnsupportedURI(f"file uri must have no host (file:///path), got host '{parts.netloc}' in {redact_uri(uri)!r}")
     if not parts.path.startswith("/"):
@@ -279,7 +272,9 @@ def _resolve_remote(uri: str, scheme: str, settings: DecodeSettings) -> Resolved
         if path == p_path or path.startswith(boundary) or p_path == "":
             # fsspec picks its driver by the scheme's exact spelling, so lower-case it.
             return ResolvedURI(uri=uri, scheme=scheme, location=scheme + uri[len(scheme):])
-    raise NotAllowed(f"{redact_uri(uri)!r} is not under any allowed prefix")
+    # The host part compared includes any user-info, so a uri with one matches no plain prefix.
+    hint = "; user-info (user:password@) in a uri matches no prefix without it" if "@" in netloc else ""
+    raise NotAllowed(f"{redact_uri(uri)!r} is not under any allowed prefix{hint}")
 
 
 def _open_local(resolved: ResolvedURI) -> tuple[BinaryIO, int]:
@@ -321,7 +316,7 @@ def _open_remote(resolved: ResolvedURI) -> tuple[Any, int | None]:
     except FileNotFoundError as exc:
         if _outage_behind(exc):
             cause = exc.__cause__ or exc.__context__
-            raise OSError(f"{resolved.display!r} is unavailable: {type(cause).__name__}: {cause}") from exc
+            raise OSError(redact(f"{resolved.display!r} is unavailable: {type(cause).__name__}: {cause}")) from exc
         raise VideoNotFound(f"no object at {resolved.display!r}") from None
     except PermissionError:
         raise NotAllowed(f"permission denied reading {resolved.display!r}") from None

@@ -28,6 +28,7 @@ import numpy as np
 
 from vidsearch.config import MessageSettings
 from vidsearch.messages import DeleteOp, IngestOp, MessageError, UpsertOp, parse_ingest_message
+from vidsearch.redact import redact
 
 _batch_ids = itertools.count(1)
 
@@ -100,7 +101,8 @@ class Item:
         return isinstance(self.op, UpsertOp) and not self.failed and self.encoded is None
 
     def fail(self, error_class: str, reason: str) -> None:
-        self.error_class, self.reason = error_class, reason
+        # Every DLQ reason enters here: redacted once, before it is logged or published.
+        self.error_class, self.reason = error_class, redact(reason)
 
     def describe(self) -> dict[str, Any]:
         return {"topic": self.topic, "partition": self.partition, "offset": self.offset,

@@ -4,7 +4,8 @@ Reads the DLQ topic from its start without joining a consumer group (listing nev
 moves anyone's offsets). ``--replay`` re-publishes the selected originals, byte for
 byte and with their original key, to the ingest topic; records that hold only a
 prefix of their message (``truncated``) or whose uri credentials were redacted
-cannot be replayed faithfully and are skipped, with the count and why.
+cannot be replayed faithfully and are skipped, with the count and why. What is
+printed is redacted (vidsearch.redact), whoever wrote the record.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from typing import Any, Iterator
 from vidsearch.broker import client_security
 from vidsearch.cli import CommandError
 from vidsearch.config import Settings
-from vidsearch.dlq import decode_dlq_bytes, parse_dlq_record, replayable_value
+from vidsearch.dlq import decode_dlq_bytes, parse_dlq_record, redact_record, replayable_value
+from vidsearch.redact import redact
 
 # An empty poll this long means the end of the topic (ListOffsets can undercount on
 # some brokers, so the end is found by reading).
@@ -181,7 +183,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     chosen = select(read_records(bootstrap, args.topic or settings.broker.dlq_topic,
                                  client_security(settings.broker)), args)
     for record in chosen:
-        print(json.dumps(record, ensure_ascii=False) if args.json else _line(record))
+        # Redacted again as it is shown: a record from an older worker may hold credentials.
+        shown = redact_record(record)
+        print(json.dumps(shown, ensure_ascii=False) if args.json else redact(_line(shown)))
     if not args.replay:
         if not args.json:
             print(f"{len(chosen)} record(s)", file=sys.stderr)

@@ -66,6 +66,7 @@ def decode_frames(uri: str, settings: DecodeSettings, num_frames: int, resize_to
     else is a decoder bug for this input; it is reported as permanent so that one
     odd file cannot stall its partition, and the DLQ keeps it for replay.
     """
+    from vidsearch.redact import redact, redact_uri
     from vidsearch.video import VideoError, decode_segments
 
     try:
@@ -73,10 +74,11 @@ def decode_frames(uri: str, settings: DecodeSettings, num_frames: int, resize_to
     except VideoError as exc:
         return DecodeMeta(ok=False, error_class=exc.error_class, reason=exc.reason), None
     except OSError as exc:
-        return DecodeMeta(ok=False, error_class="io_error", reason=f"{uri}: {exc}", transient=True), None
+        return DecodeMeta(ok=False, error_class="io_error", reason=redact(f"{redact_uri(uri)}: {exc}"),
+                          transient=True), None
     except Exception as exc:  # noqa: BLE001 - see docstring
         return DecodeMeta(ok=False, error_class="decode_failed",
-                          reason=f"{uri}: {type(exc).__name__}: {exc}"), None
+                          reason=redact(f"{redact_uri(uri)}: {type(exc).__name__}: {exc}")), None
     meta = DecodeMeta(ok=True, num_frames=int(video.frames.shape[0]),
                       timestamps=tuple(float(t) for t in video.timestamps),
                       windows=tuple((w.start_s, w.end_s) for w in video.windows), frame_index=video.frame_index,

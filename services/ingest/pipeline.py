@@ -31,6 +31,7 @@ from ray.exceptions import RayActorError, RayError, RayTaskError
 
 from vidsearch.config import DecodeSettings
 from vidsearch.messages import UpsertOp
+from vidsearch.redact import redact_cut
 from vidsearch.telemetry import log_event
 
 from .backoff import Backoff
@@ -184,7 +185,7 @@ class Pipeline:
         job.frames_ref, job.meta = None, None
         self.metrics.retries.labels(stage=stage).inc()
         log_event(log, "transient failure, will retry", logging.WARNING, stage=stage,
-                  retry_in_s=round(delay, 2), reason=reason[:300], **job.item.describe())
+                  retry_in_s=round(delay, 2), reason=redact_cut(reason, 300), **job.item.describe())
         if not job.dropped:
             self._queue.appendleft(job)
 
@@ -261,12 +262,12 @@ class Pipeline:
         reason_text = reason[-1] if reason else type(exc).__name__
         if len(call.jobs) > 1:
             log_event(log, "encoder call failed, retrying its videos one by one", logging.WARNING,
-                      videos=len(call.jobs), reason=reason_text[:300])
+                      videos=len(call.jobs), reason=redact_cut(reason_text, 300))
             for job in call.jobs:
                 job.solo = True
             self._decoded[:0] = call.jobs
             return
         job = call.jobs[0]
         if not job.dropped:
-            job.item.fail("encode_failed", reason_text[:1000])
+            job.item.fail("encode_failed", redact_cut(reason_text, 1000))
 

@@ -16,6 +16,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from vidsearch.config import Settings
 from vidsearch.messages import DeleteOp, IngestOp, MessageError, UpsertOp, encode_ingest_message, parse_ingest_message
+from vidsearch.redact import redact
 from vidsearch.telemetry import log_event
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,11 @@ VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v")
 
 
 class ProducerError(ValueError):
-    """A user-facing problem with the input or the broker; the message is one line."""
+    """A user-facing problem with the input or the broker; the message is one line,
+    redacted (a path or bootstrap address may carry a token or user-info)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(redact(message))
 
 
 def _parse_metadata(raw: str | None, where: str) -> dict[str, Any]:

@@ -49,6 +49,7 @@ from typing import Any, Callable
 from vidsearch.config import Settings
 from vidsearch.dlq import dlq_key, dlq_record, minimal_dlq_record
 from vidsearch.messages import UpsertOp
+from vidsearch.redact import redact, redact_cut
 from vidsearch.store_schema import REGION_ENCODER_FIELD
 from vidsearch.telemetry import log_event
 
@@ -89,6 +90,7 @@ class _Transient(Exception):
     """A finalisation step failed in a way that a later retry can fix."""
 
     def __init__(self, stage: str, reason: str) -> None:
+        reason = redact(reason)  # logged, and kept as the partition's last failure
         super().__init__(f"{stage}: {reason}")
         self.stage = stage
         self.reason = reason
@@ -299,7 +301,7 @@ class IngestWorker:
         delay = self._backoff.failed()
         self.metrics.retries.labels(stage="store").inc()
         log_event(log, "store unavailable at startup, retrying", logging.WARNING,
-                  retry_in_s=round(delay, 2), reason=str(exc)[:300])
+                  retry_in_s=round(delay, 2), reason=redact_cut(exc, 300))
         if self._stop.wait(delay):
             raise WorkerError("stopped while waiting for the store") from None
 
@@ -396,7 +398,7 @@ class IngestWorker:
             try:
                 self._alias_observed = self._store.resolve_alias(alias)
             except (StoreError, Exception) as exc:  # noqa: BLE001 - the batch writes retry outages
-                log_event(log, "alias check failed", logging.DEBUG, alias=alias, error=str(exc)[:300])
+                log_event(log, "alias check failed", logging.DEBUG, alias=alias, error=redact_cut(exc, 300))
 
     def close(self) -> None:
         if self._closed:
@@ -506,7 +508,7 @@ class IngestWorker:
             reason = str(getattr(exc, "cause", None) or exc).strip().splitlines()
             log_event(log, "cannot load the live model version, retrying", logging.WARNING,
                       model_version=switch.version, retry_in_s=round(delay, 2),
-                      reason=(reason[-1] if reason else type(exc).__name__)[:300])
+                      reason=redact_cut(reason[-1] if reason else type(exc).__name__, 300))
             return
         self._switch_backoff.succeeded()
         target = self._make_target(switch.collection, infos[0])

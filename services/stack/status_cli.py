@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 from vidsearch.config import Settings
 
@@ -18,9 +19,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from vidsearch.stack_state import read_state, state_path
 
-    from .status import collect, format_status
+    from .status import collect
 
     state = read_state(state_path(settings))
     status = collect(settings, state.endpoints.get("metrics") if state is not None else None)
-    print(json.dumps(status.as_dict(), sort_keys=True) if args.json else format_status(status))
+    print(render(status, as_json=args.json))
     return 0 if status.ok else 1
+
+
+def render(status: Any, *, as_json: bool = False) -> str:
+    """What `vidsearch status` prints for ``status`` (a StackStatus), redacted: endpoints
+    and probe errors may carry user-info or keys (vidsearch.redact)."""
+    from vidsearch.redact import redact, redact_json
+
+    from .status import format_status
+
+    return json.dumps(redact_json(status.as_dict()), sort_keys=True) if as_json else redact(format_status(status))
