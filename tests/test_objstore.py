@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 from xml.etree import ElementTree as ET
 
 import pytest
@@ -56,7 +56,9 @@ def list_keys(server, prefix="", delimiter="", max_keys=1000, start_after=""):
             params["start-after"] = start_after
         if token:
             params["continuation-token"] = token
-        status, _h, body = call(server, "GET", query=urlencode(params))
+        # As S3 clients encode a query: %20 for a space, %2B for a plus (urlencode's default
+        # would send a space as "+").
+        status, _h, body = call(server, "GET", query=urlencode(params, quote_via=quote))
         assert status == 200, body
         root = ET.fromstring(body)
         pages += 1
@@ -211,6 +213,11 @@ def test_list_objects_v2_orders_pages_and_rolls_up_prefixes(server):
     # Continuation across common prefixes, one entry per page.
     one_by_one, prefixes_paged, _ = list_keys(server, "list/", delimiter="/", max_keys=1)
     assert (one_by_one, prefixes_paged) == (top, prefixes)
+    # Spaces and plus signs in keys and prefixes stay what they are.
+    for key in ("odd/a+b c", "odd/a b", "odd/a+"):
+        assert call(server, "PUT", key, body=b"x")[0] == 200
+    assert list_keys(server, "odd/a+")[0] == ["odd/a+", "odd/a+b c"]
+    assert list_keys(server, "odd/a ")[0] == ["odd/a b"]
     # Another delimiter rolls up by its own character.
     assert list_keys(server, "list/p/", delimiter=".")[1] == [f"list/p/{i:03d}." for i in range(23)]
 

@@ -23,11 +23,11 @@ import time
 import uuid
 import xml.etree.ElementTree as ET
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 from xml.sax.saxutils import escape
 
 from .objects import MAX_LIST_KEYS, FileObjects, ListPage, ObjectError, ObjectInfo, etag_matches
-from .sigv4 import UNSIGNED_PAYLOAD, Credentials, SignatureError, verify
+from .sigv4 import UNSIGNED_PAYLOAD, Credentials, SignatureError, parse_query, verify
 
 log = logging.getLogger("vidsearch.objstore")
 
@@ -198,7 +198,7 @@ class S3Handler(BaseHTTPRequestHandler):
     def _route(self, path: str, query: str, body: bytes) -> None:
         bucket, _, raw_key = path.lstrip("/").partition("/")
         bucket, key = unquote(bucket), unquote(raw_key)
-        params = dict(parse_qsl(query, keep_blank_values=True))
+        params = dict(parse_query(query))
         if not bucket:
             raise not_implemented("ListBuckets")
         if not self.server.objects.bucket_exists(bucket):

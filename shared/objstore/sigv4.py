@@ -55,13 +55,19 @@ def _uri_encode(text: str) -> str:
     return quote(text, safe="-_.~")
 
 
-def canonical_query(query: str) -> str:
-    """The sorted, strictly re-encoded query string (values decoded with %XX only: a client
-    that means a literal '+' sends %2B, so '+' is not a space here)."""
+def parse_query(query: str) -> list[tuple[str, str]]:
+    """The decoded (name, value) pairs, %XX only: S3 clients send a literal '+' as %2B, so a
+    '+' is not a space here (the server reads parameters the way it checks their signature)."""
     pairs = []
     for part in query.split("&") if query else []:
         name, _, value = part.partition("=")
-        pairs.append((_uri_encode(unquote(name)), _uri_encode(unquote(value))))
+        pairs.append((unquote(name), unquote(value)))
+    return pairs
+
+
+def canonical_query(query: str) -> str:
+    """The sorted, strictly re-encoded query string."""
+    pairs = [(_uri_encode(name), _uri_encode(value)) for name, value in parse_query(query)]
     return "&".join(f"{name}={value}" for name, value in sorted(pairs))
 
 
