@@ -73,7 +73,9 @@ def test_export_lines_round_trip_through_a_shell():
 # --------------------------------------------------------------------------- a real stack
 
 class Stack:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *up_args: str, **env: str) -> None:
+        """`vidsearch up *up_args` with its state, store, registry and videos under ``root``;
+        ``env`` overrides any of that (two stacks sharing a store and broker data)."""
         self.root = root
         self.state_file = root / "stack.json"
         self.videos = root / "videos"
@@ -89,8 +91,9 @@ class Stack:
             "VIDSEARCH_DECODE__ALLOWED_PREFIXES": json.dumps([str(self.videos)]),
             "VIDSEARCH_STACK__WORKER_RESTART_INITIAL_S": "0.5",
         })
+        self.env.update(env)
         self.log = open(root / "up.log", "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([str(VENV_BIN / "vidsearch"), "up"], env=self.env, stdout=self.log,
+        self.proc = subprocess.Popen([str(VENV_BIN / "vidsearch"), "up", *up_args], env=self.env, stdout=self.log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
 
     def second_shell(self) -> dict[str, str]:
