@@ -28,13 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 from .objstore.datadir import RUN_DIR, DataDirError, DirLock, ensure_layout, forget_process, reap, record_process
 from .objstore.process import BUCKET, ObjectServerError, ObjectServerProcess
+from .redact import REDACTED, redact
 from .telemetry import log_event
-
-try:  # the central credential redaction, where this checkout has it
-    from .redact import redact as _redact
-except ImportError:  # pragma: no cover - an older checkout: the known secret is still masked
-    def _redact(text: str) -> str:
-        return text
 
 if TYPE_CHECKING:
     from .config import BrokerSettings, Settings
@@ -134,9 +129,6 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-REDACTED = "<redacted>"
 
 
 class EmbeddedBroker:
@@ -298,10 +290,11 @@ class EmbeddedBroker:
         return env
 
     def _masked(self, text: str) -> str:
-        # Tansu prints its configuration (the storage URL, the environment) when it fails.
+        # Tansu prints its configuration (the storage URL, the environment) when it fails: the
+        # secret is masked by value (it has no telltale name around it), then the usual rules.
         if self._storage is not None:
             text = self._storage.mask(text, REDACTED)
-        return _redact(text)
+        return redact(text)
 
     def failure(self) -> str:
         """Why a started broker is not running any more, in one line."""
