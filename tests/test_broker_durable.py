@@ -199,6 +199,20 @@ def test_a_sigkilled_owner_leaves_processes_the_next_start_stops(tmp_path):
         again.stop()
 
 
+def test_a_stale_object_server_still_running_is_replaced(tmp_path):
+    """Where the parent-death signal did not reach it (another OS, a lost race), a dead owner's
+    object server may still serve the directory: the next start stops it and starts its own."""
+    from vidsearch.objstore.process import ObjectServerProcess
+
+    stale = ObjectServerProcess(tmp_path / "broker").start()  # recorded in run/, as the broker records it
+    with EmbeddedBroker(partitions=1, data_dir=tmp_path / "broker") as broker:
+        assert gone(stale.pid, timeout_s=1.0) and broker._storage.pid != stale.pid
+        producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all")
+        producer.send(INGEST, value=b"after the stale server", partition=0).get(timeout=30)
+        producer.close()
+    stale.stop()
+
+
 def test_one_broker_owns_a_data_directory(tmp_path):
     with EmbeddedBroker(partitions=1, data_dir=tmp_path / "broker"):
         second = EmbeddedBroker(partitions=1, data_dir=tmp_path / "broker")
