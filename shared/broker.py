@@ -26,6 +26,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from .objstore import deathsig
 from .objstore.datadir import RUN_DIR, DataDirError, DirLock, ensure_layout, forget_process, reap, record_process
 from .objstore.process import BUCKET, ObjectServerError, ObjectServerProcess
 from .redact import REDACTED, redact
@@ -230,11 +231,16 @@ class EmbeddedBroker:
             # Output goes to a file, not a pipe: nobody drains a pipe while the broker
             # runs, and a full pipe would block it.
             with os.fdopen(fd, "wb") as log_file:
+                command = [binary, "broker", "--listener-url", url, "--advertised-listener-url", advertised,
+                           "--storage-engine", engine]
+                # Durable: its own session, so a signal to the stack's process group (Ctrl-C,
+                # `timeout`) leaves it to the stack to stop, after the worker's last commit and
+                # before the object server; the parent-death signal stops it with a SIGKILLed stack.
+                durable = self.data_dir is not None
                 try:
                     self._proc = subprocess.Popen(
-                        [binary, "broker", "--listener-url", url, "--advertised-listener-url", advertised,
-                         "--storage-engine", engine],
-                        stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+                        deathsig.wrap(command) if durable else command, stdin=subprocess.DEVNULL,
+                        stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=durable)
                 except OSError as exc:
                     self.stop()
                     raise BrokerError(f"cannot run broker binary {binary}: {exc}") from exc

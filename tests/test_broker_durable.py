@@ -165,7 +165,8 @@ def test_a_sigkill_of_tansu_and_the_object_server_loses_nothing_acknowledged(tmp
         # The consumer is left a member of the group, as a SIGKILLed ingest worker leaves it.
         left, commits = write_and_half_consume(pids["bootstrap"], close_consumer=False)
     finally:
-        os.killpg(owner.pid, signal.SIGKILL)  # `vidsearch up`, Tansu and the object server at once
+        for pid in (pids["tansu"], pids["objstore"], owner.pid):  # everything at once
+            os.kill(pid, signal.SIGKILL)
         owner.wait()
     assert gone(pids["tansu"]) and gone(pids["objstore"])
     again = EmbeddedBroker(partitions=PARTITIONS, data_dir=tmp_path / "broker").start()
@@ -175,25 +176,27 @@ def test_a_sigkill_of_tansu_and_the_object_server_loses_nothing_acknowledged(tmp
         again.stop()
 
 
-def test_a_sigkilled_owner_leaves_processes_the_next_start_stops(tmp_path):
-    """Only `vidsearch up` is killed: its object server follows it (parent-death signal), its
-    Tansu lives on with no storage; the next start stops that Tansu (recorded pid and start
-    time) and serves the same data."""
+def test_a_sigkilled_owner_takes_its_processes_along_and_the_next_start_recovers(tmp_path):
+    """Only `vidsearch up` is killed: Tansu and the object server run in their own session (a
+    signal to the stack's group must not stop them out of order), and go with their parent
+    (parent-death signal). The next start serves the same data; it also stops a process a
+    dead owner recorded that still runs, and leaves alone records of processes that are gone
+    or whose pid now belongs to someone else."""
     owner, pids = start_owner(tmp_path / "broker")
+    assert os.getsid(pids["tansu"]) != os.getsid(owner.pid) and os.getsid(pids["objstore"]) != os.getsid(owner.pid)
     try:
         left, commits = write_and_half_consume(pids["bootstrap"])
     finally:
         os.kill(owner.pid, signal.SIGKILL)
         owner.wait()
-    assert gone(pids["objstore"]), "the object server outlived its owner"
-    assert start_time(pids["tansu"]) is not None  # the orphan the next start has to deal with
-    # A stale record of a process that is gone, and one whose pid now belongs to someone
-    # else (this test process, another start time): neither may be signalled.
+    assert gone(pids["objstore"]) and gone(pids["tansu"]), "a broker process outlived its owner"
+    leftover = subprocess.Popen(["sleep", "300"])
+    record_process(tmp_path / "broker", "tansu", leftover.pid)
     record_process(tmp_path / "broker", "ghost", 2**22 + 777)
     (tmp_path / "broker" / "run" / "reused.pid.json").write_text(json.dumps({"pid": os.getpid(), "start": "1"}))
     again = EmbeddedBroker(partitions=PARTITIONS, data_dir=tmp_path / "broker").start()
     try:
-        assert gone(pids["tansu"], timeout_s=1.0), "the orphaned Tansu still runs"
+        assert leftover.wait(timeout=5) == -signal.SIGTERM
         verify_resumed(again.bootstrap, left, commits)
     finally:
         again.stop()

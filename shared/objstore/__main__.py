@@ -7,8 +7,6 @@ then writes ``run/objstore.json`` with the port, which is how its parent learns 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import json
 import logging
 import os
@@ -18,6 +16,7 @@ import threading
 from pathlib import Path
 from types import FrameType
 
+from .deathsig import die_with_parent
 from .datadir import OBJECTS_DIR, RUN_DIR, DataDirError, DirLock, load_credentials, start_time
 from .objects import FileObjects
 from .server import ObjectServer
@@ -25,19 +24,6 @@ from .server import ObjectServer
 log = logging.getLogger("vidsearch.objstore")
 READY_FILE = "objstore.json"
 DRAIN_S = 5.0
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Linux: get SIGTERM when the parent dies, so a SIGKILLed `vidsearch up` leaves no object
-    server behind (its Tansu can then write nothing either)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        return  # not Linux: the next owner reaps this process instead
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.parent_pid is not None:
-        _die_with_parent(args.parent_pid)
+        # A SIGKILLed `vidsearch up` then leaves no object server behind (elsewhere than on
+        # Linux the next owner reaps it instead).
+        die_with_parent(args.parent_pid)
     data_dir = args.data_dir.resolve()
     run = data_dir / RUN_DIR
     try:

@@ -121,8 +121,10 @@ class ObjectServerProcess:
             os.replace(self.log_path, self.log_path.with_name(self.log_path.name + ".1"))  # one old log kept
         with os.fdopen(os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as log_file:
             try:
+                # Its own session: a signal to `vidsearch up`'s process group must not stop it
+                # before Tansu (see vidsearch.objstore.deathsig).
                 self._proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_file,
-                                              stderr=subprocess.STDOUT, env=env)
+                                              stderr=subprocess.STDOUT, env=env, start_new_session=True)
             except OSError as exc:
                 raise ObjectServerError(f"cannot run the object server: {exc}") from None
         record_process(self.data_dir, "objstore", self._proc.pid)
