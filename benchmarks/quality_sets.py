@@ -116,11 +116,13 @@ def training_dataset(manifest_training: dict, quick: bool = False) -> Path:
     info = manifest_training.get("data_info") or {}
     if not info:
         sys.exit("quality: the version's manifest records no synthetic generator arguments (training.data_info)")
-    root = CACHE_DIR / f"quality-train-n{info['n']}-s{info['seed']}"
+    domain = info.get("domain", "classic")  # synth.json before the randomised domain has no field
+    root = CACHE_DIR / f"quality-train-{domain}-n{info['n']}-s{info['seed']}"
     if not (root / "manifest.jsonl").is_file():
         generate_dataset(root, info["n"], info["seed"], size=info["size"], fps=info["fps"], seconds=info["seconds"],
                          val_frac=info["val_frac"], test_frac=info["test_frac"], reverse_rate=info["reverse_rate"],
-                         swap_rate=info["swap_rate"], workers=2, overwrite=True, progress=False)
+                         swap_rate=info["swap_rate"], workers=2, overwrite=True, progress=False, domain=domain,
+                         direction_rate=info.get("direction_rate"))
     return root
 
 
