@@ -209,6 +209,32 @@ class ServeSettings(_Section):
     web_enabled: bool = Field(True, description="deploy the search page application with the search service")
     web_app_name: str = Field("vidsearch-web", description="Serve application of the search page (HTTP route /)")
     thumb_cache_entries: int = Field(512, ge=0, description="JPEG thumbnails the search page keeps in memory per replica")
+    # The ingress's circuit breaker around the reranker (vidsearch.circuit_breaker): without
+    # it, every search waits out its rerank share of the deadline while the reranker is down.
+    rerank_breaker_enabled: bool = Field(True, description="after a reranker failure or timeout, stop calling it for a back-off window (searches answer recall-only, reranked=false), then probe it with one call")
+    rerank_breaker_failures: int = Field(1, ge=1, le=1000, description="consecutive reranker failures or timeouts that open the breaker")
+    rerank_breaker_backoff_s: float = Field(2.0, gt=0, le=3600, description="first back-off window: how long an open breaker answers recall-only before one probe call may go")
+    rerank_breaker_backoff_max_s: float = Field(30.0, gt=0, le=3600, description="longest back-off window; each failed probe doubles the window, up to this")
+    rerank_breaker_probe_timeout_s: float = Field(5.0, gt=0, le=600, description="the most the one half-open probe waits for the reranker (its share of the deadline, capped at this): while the reranker stays down, one search per window waits at most this long")
+    rerank_breaker_min_timeout_s: float = Field(0.5, ge=0, description="a timed-out reranker call counts as a failure only when it had at least this long (a client's short deadline says nothing about the reranker); at most rerank_breaker_probe_timeout_s")
+
+    @field_validator("rerank_breaker_backoff_max_s")
+    @classmethod
+    def _backoff_max_not_below_first(cls, value: float, info: Any) -> float:
+        # A field validator (not a model one) so the error names this field and quotes only its value.
+        first = info.data.get("rerank_breaker_backoff_s")
+        if first is not None and value < first:
+            raise ValueError(f"must be >= serve.rerank_breaker_backoff_s ({first:g})")
+        return value
+
+    @field_validator("rerank_breaker_min_timeout_s")
+    @classmethod
+    def _min_timeout_not_above_probe(cls, value: float, info: Any) -> float:
+        # Above it, a probe that times out would never count and the breaker could stay half-open.
+        probe = info.data.get("rerank_breaker_probe_timeout_s")
+        if probe is not None and value > probe:
+            raise ValueError(f"must be <= serve.rerank_breaker_probe_timeout_s ({probe:g})")
+        return value
 
 
 class RaySettings(_Section):

@@ -37,6 +37,7 @@ from vidsearch.v1 import search_pb2
 from .auth import is_authorized
 from .errors import RequestError, RpcFailure
 from .live import LiveIndex, LiveIndexTracker
+from .rerank_breaker import RerankBreaker
 from .response import Candidates, build_results, pad_groups, stage_timings, video_response
 from .deadline import deadline_from_metadata
 from .validation import SearchParams, validate_search, validate_video_id
@@ -45,6 +46,9 @@ log = logging.getLogger(__name__)
 
 DEPLOYMENT_NAME = "SearchIngress"
 CACHED_VERSIONS = 2
+# Trailing metadata of a Search answered recall-only although re-ranking was asked for:
+# why (circuit_open, timeout, error, no_time_left, no_region_tokens, version_mismatch).
+RERANK_SKIPPED_METADATA = "vidsearch-rerank-skipped"
 
 
 def text_side(model: VideoTextModel) -> VideoTextModel:
@@ -97,6 +101,7 @@ class SearchIngress:
             log_event(log, "no live index at startup", logging.WARNING, error=str(exc))
         self._live.start()
         self._reranker: Any = None
+        self._breaker = RerankBreaker(settings.serve)
         self._text_batches: Counter[int] = Counter()
         self._rerank_batches: Counter[int] = Counter()
         self._outcomes: Counter[str] = Counter()
@@ -117,8 +122,10 @@ class SearchIngress:
             self._authorize(grpc_context)
             params = validate_search(request, self._settings.serve, self._settings.store.filter_fields)
             deadline = started + self._deadline_s(grpc_context)
-            response = await self._search(params, started, deadline)
+            response, skipped = await self._search(params, started, deadline)
             self._outcomes["reranked" if response.reranked else "recall_only"] += 1
+            if skipped is not None and grpc_context is not None:
+                grpc_context.set_trailing_metadata([(RERANK_SKIPPED_METADATA, skipped)])
             return response
         except Exception as exc:  # noqa: BLE001 - every failure becomes a gRPC status
             return self._fail(grpc_context, exc, search_pb2.SearchResponse())
@@ -147,10 +154,13 @@ class SearchIngress:
             "outcomes": dict(self._outcomes),
             "live": None if live is None else {"model_version": live.version, "collection": live.collection},
             "cached_versions": self._models.versions(),
+            "rerank_breaker": self._breaker.snapshot(),
         }
 
     # ------------------------------------------------------------------ search
-    async def _search(self, params: SearchParams, started: float, deadline: float) -> search_pb2.SearchResponse:
+    async def _search(self, params: SearchParams, started: float,
+                      deadline: float) -> tuple[search_pb2.SearchResponse, str | None]:
+        """The response, and why it was not re-ranked when re-ranking was asked for (else None)."""
         live = await self._capture_live()
         for attempt in range(2):
             t_encode = time.perf_counter()
@@ -178,15 +188,18 @@ class SearchIngress:
         candidates = pad_groups(groups)
 
         rerank: RerankResult | None = None
+        skipped: str | None = None
         if params.rerank and candidates.hits and live.model.uses_regions and candidates.regions is None:
             # A spatial re-ranker over an index built without region tokens has nothing to read:
             # answer with the recall ranking (reranked=false) and say how to fix it.
             self._outcomes["rerank_no_regions"] += 1
+            skipped = "no_region_tokens"
             log_event(log, "rerank skipped", logging.WARNING, reason="no_region_tokens", index=live.collection,
                       fix="re-index with 'vidsearch reindex' so points carry region tokens")
         elif params.rerank and candidates.hits:
             budget = (deadline - t_rerank) * self._settings.serve.rerank_deadline_fraction
-            rerank = await self._call_reranker(params.query, (tokens, vector), candidates, live.version, budget)
+            rerank, skipped = await self._call_reranker(params.query, (tokens, vector), candidates, live.version,
+                                                        budget)
         t_done = time.perf_counter()
 
         results = build_results(
@@ -200,11 +213,12 @@ class SearchIngress:
             self._outcomes["payloads_cut"] += cut
             log_event(log, "payloads cut", logging.WARNING, index=live.collection, count=cut,
                       video_ids=[r.video_id for r in results if r.payload_notice][:5])
-        return search_pb2.SearchResponse(
+        response = search_pb2.SearchResponse(
             results=results, reranked=rerank is not None, model_version=live.version,
             index=live.collection, payloads_cut=cut,
             timings=stage_timings(encode_ms=_ms(t_encode, t_recall), recall_ms=_ms(t_recall, t_rerank),
                                   rerank_ms=_ms(t_rerank, t_done), total_ms=_ms(started, time.perf_counter())))
+        return response, skipped
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def _encode_batch(self, items: list[tuple[str, LiveIndex]]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -213,11 +227,19 @@ class SearchIngress:
         return await asyncio.to_thread(encode_grouped, items)
 
     async def _call_reranker(self, text: str, encoded: tuple[np.ndarray, np.ndarray], candidates: Candidates,
-                             version: str, budget_s: float) -> RerankResult | None:
-        """Cross-encoder scores, or None when the reranker is down, failing or late:
-        the caller then answers with the recall ranking (reranked=false)."""
+                             version: str, budget_s: float) -> tuple[RerankResult | None, str | None]:
+        """Cross-encoder scores, or (None, why) when the reranker is down, failing or late,
+        or the breaker says it is (then it is not called at all): the caller answers with
+        the recall ranking (reranked=false)."""
         if budget_s <= 0:
-            return None
+            return None, "no_time_left"
+        guard = self._breaker.admit()
+        if guard is None:
+            # Counted, not logged: the breaker logs its transitions, and at full traffic a line
+            # per short-circuited search would drown them.
+            self._outcomes["rerank_circuit_open"] += 1
+            return None, "circuit_open"
+        budget_s = guard.budget(budget_s)
         response = None
         try:
             response = self._reranker_handle().score.remote(
@@ -225,6 +247,7 @@ class SearchIngress:
                               text_tokens=encoded[0], text_vector=encoded[1], video=candidates.video,
                               regions=candidates.regions))
             result: RerankResult = await asyncio.wait_for(response, timeout=budget_s)
+            guard.succeeded()  # it answered; a wrong version below is no outage
         except Exception as exc:  # noqa: BLE001 - any reranker problem degrades, never fails
             if response is not None and isinstance(exc, asyncio.TimeoutError):
                 # Only a late call needs cancelling; Serve 2.60's cancel() re-raises the
@@ -232,16 +255,19 @@ class SearchIngress:
                 # once the reranker app is deleted), which must not fail the search.
                 with contextlib.suppress(Exception):
                     response.cancel()
+            guard.failed(exc, budget_s)
             log_event(log, "rerank skipped", logging.WARNING, reason=type(exc).__name__,
-                      error=str(exc)[:200], budget_s=round(budget_s, 3))
+                      error=str(exc)[:200], budget_s=round(budget_s, 3), probe=guard.is_probe)
             self._outcomes[f"rerank_{type(exc).__name__}"] += 1
-            return None
+            return None, "timeout" if isinstance(exc, asyncio.TimeoutError) else "error"
+        finally:
+            guard.release()  # a cancelled search must not keep the probe slot
         if result.model_version != version or result.scores.shape[0] != len(candidates.hits):
             log_event(log, "rerank result discarded", logging.WARNING, expected=version,
                       got=result.model_version)
-            return None
+            return None, "version_mismatch"
         self._rerank_batches[result.batch_size] += 1
-        return result
+        return result, None
 
     def _reranker_handle(self) -> Any:
         # Resolved lazily and by name: the reranker is a separate Serve application

@@ -28,6 +28,9 @@ class StackStatus:
     lag: dict[str, int] = field(default_factory=dict)
     dlq_records: int | None = None
     health: dict[str, Health] = field(default_factory=dict)
+    # The query ingress's circuit breaker around the reranker, as one ingress replica
+    # reports it (state, consecutive_failures, last_error, retry_in_s, ...); None when unread.
+    rerank_breaker: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -190,6 +193,44 @@ def serve_status(settings: Settings, status: StackStatus, ray_ok: bool) -> None:
     _probe(status, "serve", probe)
 
 
+def describe_breaker(breaker: dict[str, Any]) -> str:
+    """One line on the reranker breaker: its state and, unless closed, why and when it probes."""
+    if not breaker.get("enabled", True):
+        return "breaker off (serve.rerank_breaker_enabled=false)"
+    state, failures = breaker["state"], breaker["consecutive_failures"]
+    text = f"breaker {state}, {failures} consecutive failure(s)"
+    if state == "open":
+        text += f", probe in {breaker['retry_in_s']:.1f} s"
+    elif state == "half_open":
+        text += ", probing the reranker"
+    if state != "closed" and breaker.get("last_error"):
+        text += f"; last error: {breaker['last_error']}"
+    return text
+
+
+def rerank_status(settings: Settings, status: StackStatus) -> None:
+    """The ingress's reranker circuit breaker, read from one ingress replica (its stats()).
+    Down while it is not closed: searches are then answered by recall alone."""
+    if not status.health.get("serve", Health(False)).ok:
+        return  # the serve line already says the apps are not running
+
+    def probe() -> str:
+        from ray import serve
+
+        from vidsearch.services.query.ingress import DEPLOYMENT_NAME
+
+        handle = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=settings.serve.app_name)
+        status.rerank_breaker = handle.stats.remote().result(timeout_s=PROBE_TIMEOUT_S).get("rerank_breaker")
+        if status.rerank_breaker is None:
+            raise RuntimeError("the search app reports no reranker breaker (a version from before it?)")
+        return describe_breaker(status.rerank_breaker)
+
+    _probe(status, "rerank", probe)
+    breaker = status.rerank_breaker
+    if breaker is not None and breaker.get("enabled", True) and breaker["state"] != "closed":
+        status.health["rerank"] = Health(False, status.health["rerank"].detail)
+
+
 def collect(settings: Settings, metrics_endpoint: str | None = None) -> StackStatus:
     """``metrics_endpoint``: the stack's own worker's (from the state file), if any."""
     status = StackStatus()
@@ -197,6 +238,7 @@ def collect(settings: Settings, metrics_endpoint: str | None = None) -> StackSta
     ray_ok = ray_status(settings, status)
     store_status(settings, status, ray_ok)
     serve_status(settings, status, ray_ok)
+    rerank_status(settings, status)
     return status
 
 

@@ -1,0 +1,214 @@
+"""The ingress's circuit breaker around the reranker, end to end on the real stack:
+Ray Serve with the ingress and a real Reranker app over the tiny preset's index.
+
+While the reranker fails, searches still succeed, answered recall-only and marked
+(reranked=false, trailing metadata ``vidsearch-rerank-skipped``); once the breaker
+is open the reranker gets no call at all (counted by the Reranker deployment
+itself) until one probe goes, and when the reranker is back re-ranking resumes.
+The breaker's state is read where operators read it: the ingress's stats, the
+`vidsearch status` probe and Ray's Prometheus endpoint."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from typing import Any, Iterator
+
+import grpc
+import pytest
+
+from vidsearch.services.query.ingress import RERANK_SKIPPED_METADATA
+from vidsearch.services.stack.status import StackStatus, rerank_status, serve_status
+from vidsearch.v1 import search_pb2
+
+from query_support import (NUM_VIDEOS, QueryService, free_port, query_data, serve_settings,  # noqa: F401
+                           wait_until)
+
+QUERY = "a green clip where something moves to the left"
+# Windows long enough that the searches a test sends right after a failure fall inside
+# them however loaded the machine is; the assertions never depend on how long anything took.
+BACKOFF_S = 10.0
+BACKOFF_MAX_S = 40.0
+# What a production client sends (the vidsearch client's default): the reranker's share is
+# then a few seconds, not the 30 s the tests' generous default deadline would give it.
+DEADLINE_MS = "10000"
+RECOVERY_TIMEOUT_S = 240
+
+
+@pytest.fixture(scope="module")
+def service(query_data) -> Iterator[QueryService]:  # noqa: F811
+    from ray import serve
+
+    from vidsearch.services.query.deploy import start_serve
+
+    settings = serve_settings(query_data, free_port(), rerank_breaker_backoff_s=BACKOFF_S,
+                              rerank_breaker_backoff_max_s=BACKOFF_MAX_S)
+    start_serve(settings, http_port=free_port())
+    channel = grpc.insecure_channel(f"127.0.0.1:{settings.serve.grpc_port}")
+    try:
+        yield QueryService(settings=settings, data=query_data, channel=channel)
+    finally:
+        channel.close()
+        serve.shutdown()
+
+
+def search(service: QueryService) -> tuple[Any, str | None]:
+    """One search; the response and why it was not re-ranked (None when it was)."""
+    client = service.client()
+    response, call = client.stub.Search.with_call(
+        search_pb2.SearchRequest(query=QUERY, top_k=NUM_VIDEOS),
+        metadata=client.metadata() + [("vidsearch-deadline-ms", DEADLINE_MS)], timeout=60)
+    assert len(response.results) == NUM_VIDEOS  # degraded or not, the search succeeds
+    skipped = dict(call.trailing_metadata() or ()).get(RERANK_SKIPPED_METADATA)
+    assert (skipped is None) == response.reranked, (response.reranked, skipped)
+    return response, skipped
+
+
+def breaker(service: QueryService) -> dict[str, Any]:
+    return service.ingress_stats()["rerank_breaker"]
+
+
+def reranker_requests(service: QueryService) -> int:
+    """Requests the Reranker replica received (it counts every batch it scored or failed)."""
+    return sum(int(size) * count for size, count in service.reranker_stats()["batch_sizes"].items())
+
+
+def status_line(service: QueryService) -> tuple[StackStatus, Any]:
+    """What `vidsearch status` reports about the breaker (its real probes, this Ray)."""
+    status = StackStatus()
+    serve_status(service.settings, status, ray_ok=True)
+    rerank_status(service.settings, status)
+    return status, status.health.get("rerank")
+
+
+def status_cli(service: QueryService) -> dict[str, Any]:
+    """`vidsearch status --json` in its own process, joining this test's Ray like a second shell."""
+    import ray
+
+    settings = service.settings
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token",
+           "KAFKA_BOOTSTRAP": settings.broker.bootstrap or "", "VIDSEARCH_STORE__PATH": settings.store.path,
+           "VIDSEARCH_STORE__ALIAS": settings.store.alias, "VIDSEARCH_SERVE__APP_NAME": settings.serve.app_name,
+           "VIDSEARCH_SERVE__RERANKER_APP_NAME": settings.serve.reranker_app_name,
+           "VIDSEARCH_SERVE__WEB_ENABLED": "false"}
+    done = subprocess.run([sys.executable, "-m", "vidsearch.cli", "status", "--json"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.stdout.strip(), done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+def prometheus_samples(name: str, app: str) -> list[tuple[str, float]]:
+    """Samples of ``name`` for application ``app`` on this node's Ray metrics endpoint."""
+    import ray
+
+    port = ray.nodes()[0]["MetricsExportPort"]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        text = answer.read().decode("utf-8", "replace")
+    samples = []
+    for line in text.splitlines():
+        if line.startswith(name + "{") and f'application="{app}"' in line:
+            labels, _, value = line.rpartition(" ")
+            samples.append((labels, float(value)))
+    return samples
+
+
+def wait_reranked(service: QueryService) -> Any:
+    return wait_until(lambda: search(service)[0].reranked, RECOVERY_TIMEOUT_S, "re-ranking to resume")
+
+
+def test_a_failing_reranker_is_not_called_while_the_breaker_is_open(service, tmp_path):
+    settings = service.settings
+    # A reranker that fails every call: its registry is empty, so it cannot load the index's version.
+    broken = settings.model_copy(update={"model": settings.model.model_copy(update={"registry_root": str(tmp_path)})})
+    service.deploy_pair(settings, broken)
+
+    response, skipped = search(service)
+    assert not response.reranked and skipped == "error"
+    assert all(r.rerank_score == 0.0 for r in response.results)
+    state = breaker(service)
+    assert state["state"] == "open" and state["consecutive_failures"] == 1 and state["last_error"]
+    assert reranker_requests(service) == 1
+
+    status, line = status_line(service)
+    assert status.health["serve"].ok and line is not None and not line.ok
+    assert line.detail.startswith("breaker open, 1 consecutive failure(s)") and "last error" in line.detail
+    assert status.rerank_breaker["state"] == "open"
+    assert not status.ok  # `vidsearch status` exits 1 while searches are not re-ranked
+
+    answers = [search(service) for _ in range(3)]
+    assert all(not r.reranked for r, _ in answers)
+    state = breaker(service)
+    # The reranker got exactly the calls the breaker let through; the rest never reached it.
+    assert reranker_requests(service) == state["admitted_total"]
+    short = sum(why == "circuit_open" for _, why in answers)
+    assert short >= 1 and state["short_circuited_total"] == short
+    assert service.ingress_stats()["outcomes"].get("rerank_circuit_open") == short
+
+    app = settings.serve.app_name
+    # Exported every few seconds: wait for the first export after the breaker opened.
+    wait_until(lambda: [v for labels, v in prometheus_samples("ray_vidsearch_query_rerank_breaker_state", app)
+                        if 'state="open"' in labels] == [1.0], 90, "the open state on Ray's metrics endpoint")
+    states = {labels.split('state="')[1].split('"')[0]: v
+              for labels, v in prometheus_samples("ray_vidsearch_query_rerank_breaker_state", app)}
+    assert states == {"closed": 0.0, "open": 1.0, "half_open": 0.0}
+    assert wait_until(lambda: [v for _, v in prometheus_samples("ray_vidsearch_query_rerank_short_circuits_total",
+                                                                app) if v >= 1], 90, "the short-circuit counter")
+
+    # When the window has passed, one search probes; the reranker still fails, so the breaker
+    # opens again for twice as long.
+    # (Relative to the state before: on a loaded machine one of the searches above may already
+    # have been a probe.)
+    before = breaker(service)
+    wait_until(lambda: search(service)[1] == "error", RECOVERY_TIMEOUT_S, "the probe")
+    state = breaker(service)
+    assert state["state"] == "open" and state["opened_total"] == before["opened_total"] + 1
+    assert state["backoff_s"] == min(2 * before["backoff_s"], BACKOFF_MAX_S) > before["backoff_s"]
+    assert state["consecutive_failures"] == before["consecutive_failures"] + 1
+    assert reranker_requests(service) == state["admitted_total"] == before["admitted_total"] + 1
+
+    shown = status_cli(service)  # the command itself, from another process
+    assert shown["rerank_breaker"]["state"] == "open"
+    assert shown["rerank_breaker"]["consecutive_failures"] == state["consecutive_failures"]
+    assert shown["health"]["rerank"]["ok"] is False and "breaker open" in shown["health"]["rerank"]["detail"]
+
+    service.deploy_reranker(settings)  # a working reranker under the same name
+    wait_reranked(service)
+    state = breaker(service)
+    assert state["state"] == "closed" and state["consecutive_failures"] == 0 and state["backoff_s"] == BACKOFF_S
+    status, line = status_line(service)
+    assert line.ok and line.detail == "breaker closed, 0 consecutive failure(s)"
+    assert all(search(service)[0].reranked for _ in range(2))
+
+
+def test_a_deleted_reranker_costs_one_failed_call_then_recovers(service):
+    """The outage of tests/test_query_rerank.py (the reranker app is gone), with the breaker:
+    one search finds out, the next ones do not call it, and re-ranking resumes once it is back."""
+    from ray import serve
+
+    settings = service.settings
+    service.deploy_pair(settings, settings)
+    wait_reranked(service)
+    before = breaker(service)
+    assert before["state"] == "closed"
+
+    serve.delete(settings.serve.reranker_app_name)
+    try:
+        response, skipped = search(service)
+        assert not response.reranked and skipped == "error"
+        state = breaker(service)
+        assert state["state"] == "open" and "Unavailable" in (state["last_error"] or ""), state
+        response, skipped = search(service)
+        assert not response.reranked and skipped == "circuit_open"
+        state = breaker(service)
+        assert state["admitted_total"] == before["admitted_total"] + 1
+        assert state["short_circuited_total"] == before["short_circuited_total"] + 1
+        status, _ = status_line(service)
+        assert not status.health["serve"].ok and "rerank" not in status.health  # the serve line says why
+    finally:
+        service.deploy_reranker()
+    wait_reranked(service)
+    state = breaker(service)
+    assert state["state"] == "closed" and state["consecutive_failures"] == 0
+    assert reranker_requests(service) >= 1  # the new replica is being called again
