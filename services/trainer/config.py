@@ -109,11 +109,35 @@ class StagesSection(_Section):
     distill: DistillStage = DistillStage()
 
 
+class FaultInjection(_Section):
+    """TESTS ONLY: kill one worker once, to check that a run survives it."""
+
+    stage: Literal["backbone", "teacher", "distill", "baseline"]
+    after_steps: int = Field(..., ge=0, description="SIGKILL the worker once the stage has done this many steps")
+    rank: int = Field(0, ge=0, description="which worker kills itself")
+    lose_checkpoints: bool = Field(
+        False, description="delete <run_dir>/checkpoints first, as if the restarted workers ran on a node that "
+        "cannot see them: the run must resume from Ray Train's storage")
+
+
 class ScalingSection(_Section):
     num_workers: int = Field(1, ge=1, description="Ray Train workers (data parallel)")
     use_gpu: bool = False
     cpus_per_worker: int = Field(2, ge=1, description="CPU threads per worker")
     bf16: bool = Field(True, description="bf16 autocast on CUDA (no effect on the CPU)")
+    max_failures: int = Field(
+        3, ge=0, description="worker failures (a killed or lost worker) Ray Train recovers from by restarting the "
+        "workers from the last checkpoint; 0: the first failure ends the run")
+    storage_path: str | None = Field(
+        None, min_length=1, description="Ray Train's checkpoint storage for this run, a folder or URI every worker "
+        "sees (default <run_dir>/ray; on several nodes, shared storage)")
+    keep_checkpoints: int = Field(2, ge=1, description="Ray Train checkpoints kept in storage_path (newest first)")
+    fault_injection: FaultInjection | None = Field(
+        None, description="TESTS ONLY: SIGKILL one worker once at a given stage step (max_failures must allow it)")
+
+
+# Scaling fields that say how a run survives failures, not what it trains.
+RECOVERY_FIELDS = ("max_failures", "storage_path", "keep_checkpoints", "fault_injection")
 
 
 class EvaluateSection(_Section):
@@ -177,6 +201,24 @@ class RunConfig(_Section):
             raise ValueError("stages: at least one stage must be enabled")
         if self.data.frames == "index" and self.stages.backbone.enabled:
             raise ValueError("data.frames: 'index' needs a frozen frame tower (stages.backbone.enabled: false)")
+        workers = self.scaling.num_workers
+        for name in ("backbone", "teacher", "distill"):
+            stage = getattr(self.stages, name)
+            if stage.enabled and stage.batch_size < workers:
+                # Every worker embeds a shard of each batch; an empty shard has nothing to embed.
+                raise ValueError(f"stages.{name}.batch_size: {stage.batch_size} is fewer than "
+                                 f"scaling.num_workers ({workers})")
+        fault = self.scaling.fault_injection
+        if fault is not None:
+            stage = self.stages.distill if fault.stage == "baseline" else getattr(self.stages, fault.stage)
+            if not stage.enabled or (fault.stage == "baseline" and not self.stages.distill.baseline):
+                raise ValueError(f"scaling.fault_injection.stage: {fault.stage} does not run in this config")
+            if fault.after_steps >= stage.steps:
+                raise ValueError(f"scaling.fault_injection.after_steps: {fault.after_steps} is not below the "
+                                 f"stage's {stage.steps} steps")
+            if fault.rank >= workers:
+                raise ValueError(f"scaling.fault_injection.rank: {fault.rank} is not below scaling.num_workers "
+                                 f"({workers})")
         return self
 
     def to_yaml(self) -> str:
@@ -232,4 +274,8 @@ def load_run_config(path: str | Path, overrides: Mapping[str, Any] | None = None
             data[section][key] = str(base / value)
     if isinstance(data.get("run_dir"), str) and not Path(data["run_dir"]).is_absolute():
         data["run_dir"] = str(base / data["run_dir"])
+    scaling = data.get("scaling")
+    storage = scaling.get("storage_path") if isinstance(scaling, dict) else None
+    if isinstance(storage, str) and storage and "://" not in storage and not Path(storage).is_absolute():
+        scaling["storage_path"] = str(base / storage)
     return parse_run_config(data, overrides)

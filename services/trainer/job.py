@@ -4,7 +4,9 @@
    before anything is decoded, and fail with one line;
 2. decode each split once into the frame caches (``<run_dir>/cache``);
 3. run :func:`worker.train_loop` on a ``TorchTrainer`` with the configured
-   workers (one CPU worker, the local Ray, or ``RAY_ADDRESS`` unchanged);
+   workers (one CPU worker, the local Ray, or ``RAY_ADDRESS`` unchanged), checkpointing
+   to Ray Train's storage and restarting the workers from the last checkpoint after a
+   worker failure (``scaling.max_failures``, :mod:`recovery`);
 4. read back the final weights and metrics and write ``report.md``.
 
 Gating, publishing and re-indexing follow in :mod:`publish`.
@@ -21,12 +23,13 @@ from typing import Any
 from vidsearch.config import Settings
 from vidsearch.telemetry import log_event
 
-from .config import RunConfig
+from .config import RECOVERY_FIELDS, RunConfig
 from .datasets import DatasetSource, TrainingVideo, data_hash, load_dataset, split_videos, trusting_dataset_root
 from .errors import TrainingError
 from .frames import build_cache
 from .gate import val_data_hash
 from .index_frames import cache_index_frames
+from .recovery import RAY_RUN_NAME, clear_abort, storage_path
 from .worker import FINAL_DIR, train_loop
 
 log = logging.getLogger(__name__)
@@ -142,6 +145,9 @@ def prepare_data(cfg: RunConfig, settings: Settings, image_size: int, num_frames
         splits["train"] = splits["train"][:cfg.data.max_videos]
     if len(splits["train"]) < 2:
         raise TrainingError(f"the train split has {len(splits['train'])} video(s); contrastive training needs >= 2")
+    if len(splits["train"]) < cfg.scaling.num_workers:
+        raise TrainingError(f"the train split has {len(splits['train'])} videos, fewer than scaling.num_workers "
+                            f"({cfg.scaling.num_workers}): every worker needs a shard of each batch")
     # The config allows only val.* gate metrics (PublishSection), so the gate needs a val split.
     if cfg.publish.enabled and (not splits["val"] or "val" not in cfg.evaluate.splits):
         raise TrainingError(f"publish.gate_metric {cfg.publish.gate_metric!r} needs an evaluated val split, "
@@ -188,16 +194,20 @@ def _ensure_ray(settings: Settings, cfg: RunConfig) -> None:
 
 
 def _run_trainer(cfg: RunConfig, loop_config: dict[str, Any]) -> None:
-    from ray.train import FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    # A TrainingError an earlier command recorded must not stop this one (it may fix the cause).
+    clear_abort(Path(cfg.run_dir))
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
-        run_config=RayRunConfig(name="train", storage_path=str(Path(cfg.run_dir).resolve() / "ray"),
-                                failure_config=FailureConfig(max_failures=0)),
+        # One fixed name per storage path: a re-run of the command finds the run's checkpoints again.
+        run_config=RayRunConfig(name=RAY_RUN_NAME, storage_path=storage_path(cfg),
+                                failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+                                checkpoint_config=CheckpointConfig(num_to_keep=cfg.scaling.keep_checkpoints)),
     )
     try:
         trainer.fit()
@@ -258,9 +268,16 @@ def _finished_with_same_config(run_dir: Path, cfg: RunConfig) -> bool:
         before = yaml.safe_load(recorded.read_text())
     except (OSError, yaml.YAMLError):
         return False
-    now = cfg.to_dict()
-    return isinstance(before, dict) and {k: v for k, v in before.items() if k != "publish"} == \
-        {k: v for k, v in now.items() if k != "publish"}
+    return isinstance(before, dict) and _trained_by(before) == _trained_by(cfg.to_dict())
+
+
+def _trained_by(config: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a run config that decide what is trained: not publishing, and not how the run
+    survives failures (a run.yaml written before those settings existed compares equal)."""
+    kept = {k: v for k, v in config.items() if k != "publish"}
+    if isinstance(kept.get("scaling"), dict):
+        kept["scaling"] = {k: v for k, v in kept["scaling"].items() if k not in RECOVERY_FIELDS}
+    return kept
 
 
 def _data_info(cfg: RunConfig) -> dict[str, Any]:

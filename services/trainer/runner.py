@@ -7,6 +7,11 @@ run replays exactly the batches it would have seen. With several Ray Train
 workers each computes its shard of the global batch and the gradients are
 averaged with an all-reduce before the step (DDP's rule, done explicitly so any
 stage loss works without wrapping the model).
+
+Checkpoints are written by rank 0 and read by rank 0 only; every other rank gets
+the state from rank 0 (``broadcast_from_rank0``), so no rank needs to see rank 0's
+files and all of them resume from the same step. ``StageContext.on_checkpoint``
+(Ray Train's report, in the worker) runs on every rank after each checkpoint.
 """
 from __future__ import annotations
 
@@ -25,12 +30,18 @@ from torch import nn
 
 from vidsearch.telemetry import log_event
 
+from .collective import broadcast_buffers, broadcast_from_rank0
 from .config import StageBase
 from .errors import TrainingError
 
 log = logging.getLogger(__name__)
 
 LossFn = Callable[[int], tuple[torch.Tensor, dict[str, float]]]
+# (stage, step, metrics), on every rank after a checkpoint (and on none without one).
+CheckpointHook = Callable[[str, int, dict[str, float]], None]
+# (stage, steps done), on every rank before each step: the fault-injection point.
+StepHook = Callable[[str, int], None]
+RNG_KEY = "rng.torch"
 
 
 @dataclass
@@ -56,6 +67,8 @@ class StageContext:
     checkpoint_every: int = 200
     log_every: int = 25
     eval_every: int = 200
+    on_checkpoint: CheckpointHook | None = None
+    before_step: StepHook | None = None
 
     @property
     def is_main(self) -> bool:
@@ -99,6 +112,9 @@ def _save(ctx: StageContext, name: str, model: nn.Module, optimizer: torch.optim
         for key, value in state.items():
             if torch.is_tensor(value):
                 tensors[f"optim.{index}.{key}"] = value.detach().cpu().contiguous().clone()
+    # Nothing in a step draws from torch's global generator today (every draw has its own
+    # seeded generator), but a resume restores it anyway, so one that did would still replay.
+    tensors[RNG_KEY] = torch.get_rng_state()
     # The weights go to a file named by their step, and only then does state.json (replaced
     # atomically) name that file: a kill at any point leaves state.json naming weights of its
     # own step, never newer ones. Older weight files are deleted only after the switch.
@@ -118,9 +134,24 @@ def _save(ctx: StageContext, name: str, model: nn.Module, optimizer: torch.optim
 def load_stage_state(ctx: StageContext, name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
     """(state.json, the weights it names), or None before the stage's first checkpoint.
 
-    Run directories written before step-named weight files have ``state.safetensors``
-    and no ``weights`` key; they still load.
+    Rank 0 reads; every rank returns what rank 0 read (call it on every rank). Run
+    directories written before step-named weight files have ``state.safetensors`` and no
+    ``weights`` key; they still load.
     """
+    found: tuple[dict[str, Any], dict[str, torch.Tensor]] | None | str = None
+    if ctx.is_main:
+        try:
+            found = _read_stage_state(ctx, name)
+        except TrainingError as exc:
+            found = str(exc)  # raised on every rank below, not only on rank 0
+    if ctx.world > 1:
+        found = broadcast_from_rank0(found)
+    if isinstance(found, str):
+        raise TrainingError(found)
+    return found
+
+
+def _read_stage_state(ctx: StageContext, name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
     where = _stage_dir(ctx, name)
     if not (where / "state.json").is_file():
         return None
@@ -128,7 +159,8 @@ def load_stage_state(ctx: StageContext, name: str) -> tuple[dict[str, Any], dict
     weights = where / meta.get("weights", "state.safetensors")
     if not weights.is_file():
         raise TrainingError(f"checkpoint {where / 'state.json'} names {weights.name}, which is missing; "
-                            f"delete {where} to restart stage {name}")
+                            f"delete {where} (and the run's Ray Train storage, scaling.storage_path) "
+                            f"to restart stage {name}")
     return meta, load_file(str(weights))
 
 
@@ -142,6 +174,8 @@ def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str,
             state.setdefault(int(index), {})[name] = value
     if state:
         optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    if RNG_KEY in tensors:
+        torch.set_rng_state(tensors[RNG_KEY])
     saved = meta["log"]
     return StageLog(name=saved["name"], steps=saved["steps"], losses=saved["losses"], parts=saved["parts"],
                     samples_per_s=saved.get("samples_per_s", 0.0), seconds=saved.get("seconds", 0.0),
@@ -186,6 +220,8 @@ def run_stage(name: str, config: StageBase, model: nn.Module, params: Sequence[n
     model.train()
     began, window_start, window_samples = time.perf_counter(), time.perf_counter(), 0
     for step in range(start, total):
+        if ctx.before_step is not None:
+            ctx.before_step(name, step)
         for group in optimizer.param_groups:
             group["lr"] = config.lr * lr_factor(step, total, config.warmup_frac) * group.get("lr_scale", 1.0)
         loss, parts = loss_fn(step)
@@ -223,5 +259,9 @@ def run_stage(name: str, config: StageBase, model: nn.Module, params: Sequence[n
             stage_log.seconds += time.perf_counter() - began
             began = time.perf_counter()
             _save(ctx, name, model, optimizer, stage_log, step + 1, done)
+            if ctx.on_checkpoint is not None:
+                ctx.on_checkpoint(name, step + 1, {"loss": stage_log.losses[-1]})
+    if ctx.world > 1:
+        broadcast_buffers(model)
     model.eval()
     return stage_log

@@ -9,6 +9,13 @@ c. distill: the head (temporal transformer + AFA) and the text tower with TeachC
    in_weight*l_IN + alpha*l_CgT + gamma*l_FgT. The teacher is a frozen copy with its own
    text tower (``scorer.own_text``), so training the student's text tower never moves the
    teacher's inputs.
+
+With several workers each one embeds its contiguous shard of the step's global batch and
+the losses are computed over the whole batch from the gathered rows (collective.gather_rows):
+InfoNCE, CgT, FgT and the moment loss of the teacher and distil stages, and the backbone's
+InfoNCE, do not depend on the number of workers. What a step draws for the whole batch
+(captions, counterfactual captions, event targets) comes from the one-worker streams.
+Still per worker: the backbone's pixel augmentation and its event-phrase loss.
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ from vidsearch.synth_scenes import Event, caption_key, clause, counterfactual_ca
 
 from .augment import make_pixels
 from .batches import BatchPlan, step_rng
+from .collective import gather_rows, shard_bounds, shard_sizes
 from .config import AugmentSection, BackboneStage, DistillStage, TeacherStage
 from .frames import FrameCache
 from .loss import cgt_loss, fgt_loss, infonce_logits, moment_loss, phrase_infonce, symmetric_infonce
@@ -133,6 +141,16 @@ class CaptionNegatives:
     owners: torch.Tensor  # [E] the batch row each caption was made from
     valid: torch.Tensor  # [B,E] False where the caption does describe that batch video
 
+    def owned(self, start: int, stop: int) -> tuple[int, int]:
+        """[first, last) of the captions made from batch rows [start, stop): they are made row
+        by row, so a worker's shard owns one contiguous run of them."""
+        owners = self.owners.numpy()
+        return int(np.searchsorted(owners, start)), int(np.searchsorted(owners, stop))
+
+    def sizes(self, shard: "Shard") -> list[int]:
+        """How many of the captions each worker's shard owns (for gather_rows)."""
+        return _sizes_by_row(self.owners.numpy(), shard)
+
     def extra_logits(self, own: torch.Tensor, batch: int) -> torch.Tensor:
         """[B,E] logits with each caption scored only against its own video (``own[E]``)."""
         extra = torch.full((batch, len(self.texts)), float("-inf"), device=own.device)
@@ -162,16 +180,50 @@ def caption_negatives(bank: CaptionBank, index: np.ndarray, count: int,
     return CaptionNegatives(texts=texts, owners=torch.as_tensor(owners), valid=valid)
 
 
-def _step_negatives(bank: CaptionBank, index: np.ndarray, count: int, seed: int, stage: str, step: int,
-                    rank: int) -> CaptionNegatives | None:
-    """A stage step's caption negatives, reproducible from (seed, stage, step, rank) like its batch."""
-    return caption_negatives(bank, index, count, step_rng(seed, STAGE_IDS[stage], step, 10 + rank))
+def _step_negatives(bank: CaptionBank, full: np.ndarray, count: int, seed: int, stage: str,
+                    step: int) -> CaptionNegatives | None:
+    """A stage step's caption negatives for the whole global batch ``full``, reproducible from
+    (seed, stage, step) like the batch itself: every worker draws the same ones (stream 10, the
+    one a single worker has always used) and embeds those of its own rows."""
+    return caption_negatives(bank, full, count, step_rng(seed, STAGE_IDS[stage], step, 10))
 
 
 def _shard(index: np.ndarray, rank: int, world: int) -> np.ndarray:
-    # Contiguous shards: BatchPlan puts each anchor next to its hard negatives, and a
-    # worker's InfoNCE only contrasts within its shard, so they must stay together.
+    # Contiguous shards, in rank order: gathering every worker's rows rebuilds the batch in
+    # BatchPlan's order (collective.shard_bounds is the same split).
     return np.array_split(index, world)[rank] if world > 1 else index
+
+
+@dataclass
+class Shard:
+    """A step's global batch and this worker's contiguous rows [start, stop) of it."""
+
+    full: np.ndarray  # [B] video index of each row
+    choice: np.ndarray  # [B] which caption of its video each row uses
+    start: int
+    stop: int
+    sizes: list[int]  # rows held by each worker, in rank order
+
+    @property
+    def index(self) -> np.ndarray:
+        return self.full[self.start:self.stop]
+
+    @property
+    def picks(self) -> np.ndarray:
+        return self.choice[self.start:self.stop]
+
+
+def step_shard(plan: BatchPlan, step: int, counts: Sequence[int], rank: int, world: int) -> Shard:
+    """Step ``step``'s global batch (a pure function of the step) and ``rank``'s rows of it."""
+    full = plan.indices(step)
+    start, stop = shard_bounds(len(full), rank, world)
+    return Shard(full, plan.captions(step, full, counts), start, stop, shard_sizes(len(full), world))
+
+
+def _sizes_by_row(rows: np.ndarray, shard: Shard) -> list[int]:
+    """Per worker, how many entries of the ascending batch-row list ``rows`` its shard holds."""
+    edges = np.cumsum([0, *shard.sizes])
+    return [int(np.searchsorted(rows, hi) - np.searchsorted(rows, lo)) for lo, hi in zip(edges[:-1], edges[1:])]
 
 
 @dataclass
@@ -221,10 +273,8 @@ def backbone_loss(model: VideoTextModel, cache: FrameCache, bank: CaptionBank, p
     counts = bank.counts()
 
     def loss_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        full = plan.indices(step)
-        choice = plan.captions(step, full, counts)
-        index = _shard(full, rank, world)
-        picks = _shard(choice, rank, world)
+        shard = step_shard(plan, step, counts, rank, world)
+        index, picks = shard.index, shard.picks
         gen = _generator(seed, "backbone", step, rank)
         order = np.argsort(index)  # sorted reads from the memory map
         pixels, mask, picked = make_pixels(cache.frames[index[order]], cache.mask[index[order]], num_frames,
@@ -234,8 +284,9 @@ def backbone_loss(model: VideoTextModel, cache: FrameCache, bank: CaptionBank, p
         b, t = mask.shape
         encoded = model.encode_frames(pixels.flatten(0, 1).to(model.device)).view(b, t, -1)
         video = model.aggregate(encoded, mask)
-        negatives = _step_negatives(bank, index, config.caption_negatives, seed, "backbone", step, rank)
-        extra_texts = negatives.texts if negatives is not None else []
+        negatives = _step_negatives(bank, shard.full, config.caption_negatives, seed, "backbone", step)
+        first, last = negatives.owned(shard.start, shard.stop) if negatives is not None else (0, 0)
+        extra_texts = negatives.texts[first:last] if negatives is not None else []
         phrases = None
         if config.phrase_weight > 0:
             times = torch.zeros((b, t))
@@ -246,7 +297,10 @@ def backbone_loss(model: VideoTextModel, cache: FrameCache, bank: CaptionBank, p
         phrase_texts = phrases.texts if phrases is not None else []
         text = model.encode_text([bank.captions[i][c] for i, c in zip(index, picks)] + extra_texts + phrase_texts)
         text, extra, phrase_text = text[:b], text[b:b + len(extra_texts)], text[b + len(extra_texts):]
-        loss_in = symmetric_infonce(text, video, model.clip.logit_scale, extra if negatives is not None else None,
+        # InfoNCE over the global batch: every worker's rows, back in the batch's order.
+        extra = gather_rows(extra, negatives.sizes(shard)) if negatives is not None else None
+        loss_in = symmetric_infonce(gather_rows(text, shard.sizes), gather_rows(video, shard.sizes),
+                                    model.clip.logit_scale, extra,
                                     negatives.valid.to(video.device) if negatives is not None else None)
         parts = {"in": float(loss_in.detach())}
         loss = loss_in
@@ -287,16 +341,29 @@ def _event_targets(bank: CaptionBank, index: np.ndarray, times: torch.Tensor, rn
     return torch.as_tensor(rows), phrases, torch.stack(inside)
 
 
+@dataclass
+class FrozenBatch:
+    """A step's batch on frozen features: the *global* batch's frames (every worker holds every
+    video's features, so no frames need gathering) and this worker's captions."""
+
+    shard: Shard
+    texts: list[str]  # this worker's rows' captions
+    frames: torch.Tensor  # [B,T,D] on the device
+    mask: torch.Tensor  # [B,T]
+    times: torch.Tensor  # [B,T] seconds, on the CPU
+    regions: torch.Tensor | None  # [B,T,G,W]
+
+    def local(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor[self.shard.start:self.shard.stop]
+
+
 def _frozen_batch(features: FrozenFeatures, bank: CaptionBank, plan: BatchPlan, counts: list[int], seed: int,
-                  stage: str, step: int, rank: int, world: int, device: torch.device):
-    """This worker's shard of a step's batch on frozen features:
-    (index, captions, frames, mask, times, regions or None)."""
-    full = plan.indices(step)
-    choice = plan.captions(step, full, counts)
-    index, picks = _shard(full, rank, world), _shard(choice, rank, world)
-    frames, mask, times, regions = _batch_view(features, seed, stage, step, index)
-    texts = [bank.captions[i][c] for i, c in zip(index, picks)]
-    return index, texts, frames.to(device), mask.to(device), times, None if regions is None else regions.to(device)
+                  stage: str, step: int, rank: int, world: int, device: torch.device) -> FrozenBatch:
+    shard = step_shard(plan, step, counts, rank, world)
+    frames, mask, times, regions = _batch_view(features, seed, stage, step, shard.full)
+    texts = [bank.captions[i][c] for i, c in zip(shard.index, shard.picks)]
+    return FrozenBatch(shard, texts, frames.to(device), mask.to(device), times,
+                       None if regions is None else regions.to(device))
 
 
 def teacher_loss(model: VideoTextModel, features: FrozenFeatures, bank: CaptionBank, plan: BatchPlan,
@@ -304,33 +371,42 @@ def teacher_loss(model: VideoTextModel, features: FrozenFeatures, bank: CaptionB
     counts = bank.counts()
 
     def loss_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        index, texts, frames, mask, times, regions = _frozen_batch(features, bank, plan, counts, seed, "teacher",
-                                                                   step, rank, world, model.device)
+        batch = _frozen_batch(features, bank, plan, counts, seed, "teacher", step, rank, world, model.device)
+        shard, frames, mask, regions = batch.shard, batch.frames, batch.mask, batch.regions
         with torch.no_grad():
-            text = model.encode_scorer_text(texts)
-        scores, _ = model.score_matrix(text, frames, mask, regions=regions)
+            text = model.encode_scorer_text(batch.texts)
+        # This worker's captions against every video of the batch: its rows of the [B,B] matrix.
+        scores = gather_rows(model.score_matrix(text, frames, mask, regions=regions)[0], shard.sizes)
         scale = model.scorer.logit_scale.exp()
         extra = None
-        negatives = _step_negatives(bank, index, config.caption_negatives, seed, "teacher", step, rank)
+        negatives = _step_negatives(bank, shard.full, config.caption_negatives, seed, "teacher", step)
         if negatives is not None:
             # Scored against their own video only: a [B,E] cross-encoder pass would cost E times the batch.
-            with torch.no_grad():
-                changed = model.encode_scorer_text(negatives.texts)
-            owners = negatives.owners.to(frames.device)
-            own, _ = model.score_pairs(changed, frames[owners], mask[owners],
-                                       regions=None if regions is None else regions[owners])
-            extra = negatives.extra_logits(scale * own, len(texts))
+            first, last = negatives.owned(shard.start, shard.stop)
+            own = torch.zeros(0, device=frames.device)
+            if last > first:
+                with torch.no_grad():
+                    changed = model.encode_scorer_text(negatives.texts[first:last])
+                owners = negatives.owners[first:last].to(frames.device)
+                own, _ = model.score_pairs(changed, frames[owners], mask[owners],
+                                           regions=None if regions is None else regions[owners])
+            own = gather_rows(own, negatives.sizes(shard))
+            extra = negatives.extra_logits(scale * own, len(shard.full))
         loss_in = infonce_logits(scale * scores, extra)
         parts = {"in": float(loss_in.detach())}
         loss = loss_in
-        targets = _event_targets(bank, index, times, step_rng(seed, STAGE_IDS["teacher"], step, 4 + rank))
+        targets = _event_targets(bank, shard.full, batch.times, step_rng(seed, STAGE_IDS["teacher"], step, 4))
         if targets is not None and config.moment_weight > 0:
             rows, phrases, inside = targets
-            with torch.no_grad():
-                phrase_text = model.encode_scorer_text(phrases)
-            at = rows.to(frames.device)
-            _, relevance = model.score_pairs(phrase_text, frames[at], mask[at],
-                                             regions=None if regions is None else regions[at])
+            first, last = int(np.searchsorted(rows.numpy(), shard.start)), int(np.searchsorted(rows.numpy(), shard.stop))
+            relevance = torch.zeros((0, frames.shape[1]), device=frames.device)
+            if last > first:
+                with torch.no_grad():
+                    phrase_text = model.encode_scorer_text(phrases[first:last])
+                at = rows[first:last].to(frames.device)
+                _, relevance = model.score_pairs(phrase_text, frames[at], mask[at],
+                                                 regions=None if regions is None else regions[at])
+            relevance = gather_rows(relevance, _sizes_by_row(rows.numpy(), shard))
             loss_moment = moment_loss(relevance, inside.to(relevance.device) & mask[rows.to(mask.device)])
             loss = loss + config.moment_weight * loss_moment
             parts["moment"] = float(loss_moment.detach())
@@ -355,30 +431,36 @@ def distill_loss(model: VideoTextModel, teacher: VideoTextModel, features: Froze
 
     def loss_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         # The baseline sees exactly the distilled student's batches ("distill" seeds both).
-        index, texts, frames, mask, _, regions = _frozen_batch(features, bank, plan, counts, seed, "distill", step,
-                                                               rank, world, model.device)
-        negatives = _step_negatives(bank, index, config.caption_negatives, seed, "distill", step, rank)
-        extra_texts = negatives.texts if negatives is not None else []
+        batch = _frozen_batch(features, bank, plan, counts, seed, "distill", step, rank, world, model.device)
+        shard, texts = batch.shard, batch.texts
+        negatives = _step_negatives(bank, shard.full, config.caption_negatives, seed, "distill", step)
+        first, last = negatives.owned(shard.start, shard.stop) if negatives is not None else (0, 0)
+        extra_texts = negatives.texts[first:last] if negatives is not None else []
         with torch.set_grad_enabled(config.train_text and torch.is_grad_enabled()):
             encoded = model.encode_text(texts + extra_texts)
         text, changed = encoded[:len(texts)], encoded[len(texts):]
-        video, weights = model.aggregate_with_weights(frames, mask)
+        video, weights = model.aggregate_with_weights(batch.local(batch.frames), batch.local(batch.mask))
+        # The student's [B,B] matrix over the global batch, from every worker's rows.
+        text, video = gather_rows(text, shard.sizes), gather_rows(video, shard.sizes)
         scale = model.clip.logit_scale.exp().detach()
         student = scale * (text @ video.T)
         extra = None
         if negatives is not None:
+            changed = gather_rows(changed, negatives.sizes(shard))
             extra = (scale * (video @ changed.T)).masked_fill(~negatives.valid.to(video.device), float("-inf"))
         loss_in = infonce_logits(student, extra)
         parts = {"in": float(loss_in.detach())}
         loss = loss_in
         if distil and (config.alpha > 0 or config.gamma > 0):
             with torch.no_grad():
-                scores, relevance = teacher.score_matrix(teacher.encode_scorer_text(texts), frames, mask,
-                                                         regions=regions)
-                teacher_logits = teacher.scorer.logit_scale.exp() * scores
-                matched = relevance[torch.arange(len(texts)), torch.arange(len(texts))]
+                # This worker's captions against every video: its rows of the teacher's matrix.
+                scores, relevance = teacher.score_matrix(teacher.encode_scorer_text(texts), batch.frames, batch.mask,
+                                                         regions=batch.regions)
+                teacher_logits = gather_rows(teacher.scorer.logit_scale.exp() * scores, shard.sizes)
+                rows = torch.arange(len(texts))
+                matched = gather_rows(relevance[rows, shard.start + rows], shard.sizes)
             loss_cgt = cgt_loss(student, teacher_logits, config.cgt_temperature)
-            loss_fgt = fgt_loss(weights, matched, mask, config.fgt_teacher_temperature)
+            loss_fgt = fgt_loss(gather_rows(weights, shard.sizes), matched, batch.mask, config.fgt_teacher_temperature)
             loss = config.in_weight * loss_in + config.alpha * loss_cgt + config.gamma * loss_fgt
             parts.update(cgt=float(loss_cgt.detach()), fgt=float(loss_fgt.detach()))
         return loss, parts

@@ -2,7 +2,9 @@
 
 Each worker rebuilds the same model from the same seed, reads the frame caches the
 driver wrote (memory-mapped), and trains its shard of every global batch; rank 0
-writes checkpoints, the final weights and the metrics into the run directory.
+writes checkpoints, the final weights and the metrics into the run directory, and
+every checkpoint is reported to Ray Train, so a restarted worker group resumes from it
+(:mod:`recovery`).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from .errors import TrainingError
 from .evaluate import EvalSet, evaluate_model, flatten_metrics, moment_accuracy, shares_teacher, teacher_matrix
 from .frames import open_cache
 from .index_frames import open_feature_cache
+from .recovery import fault_injector, raise_recorded_abort, ray_reporter, record_abort, restore_ray_checkpoint
 from .runner import StageContext, load_stage_state, run_stage
 from .stages import (STAGE_IDS, CaptionBank, FrozenFeatures, backbone_loss, distill_loss, encode_cache,
                      mine_neighbours, teacher_loss, text_tower_parameters)
@@ -134,21 +137,35 @@ def _train_features(model: VideoTextModel, cfg: RunConfig, split: dict[str, Any]
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
-    """Ray Train entry point (``train_loop_per_worker``)."""
+    """Ray Train entry point (``train_loop_per_worker``); Ray Train runs it again on every
+    worker after a worker failure, and it resumes from the last checkpoint."""
     import ray.train
 
     configure_logging(loop_config.get("log_level", "INFO"))
     context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
     cfg = RunConfig.model_validate(loop_config["run"])
+    run_dir = Path(cfg.run_dir)
+    raise_recorded_abort(run_dir)
+    try:
+        _train(loop_config, cfg, context.get_world_rank(), context.get_world_size(), context.get_local_rank())
+    except TrainingError as exc:
+        record_abort(run_dir, exc)
+        raise
+
+
+def _train(loop_config: dict[str, Any], cfg: RunConfig, rank: int, world: int, local_rank: int) -> None:
     torch.set_num_threads(cfg.scaling.cpus_per_worker)
-    device = f"cuda:{context.get_local_rank()}" if cfg.scaling.use_gpu else "cpu"
+    device = f"cuda:{local_rank}" if cfg.scaling.use_gpu else "cpu"
+    if cfg.scaling.use_gpu:
+        torch.cuda.set_device(device)  # the device NCCL's object collectives (checkpoint broadcast) use
     run_dir = Path(cfg.run_dir)
     data = json.loads(Path(loop_config["data_file"]).read_text())
     model = _initial_model(loop_config, device)
     frame_encoder = model.frame_encoder_id
+    restore_ray_checkpoint(run_dir, rank)
     ctx = StageContext(run_dir=run_dir, rank=rank, world=world, checkpoint_every=cfg.checkpoint_every,
-                       log_every=cfg.log_every, eval_every=cfg.eval_every)
+                       log_every=cfg.log_every, eval_every=cfg.eval_every, on_checkpoint=ray_reporter(run_dir, rank),
+                       before_step=fault_injector(cfg, run_dir, rank))
     train = data["train"]
     bank = _bank(train)
     twins = twin_neighbours(train["video_ids"], train["hard_negatives"])
