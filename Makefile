@@ -39,7 +39,7 @@ bench: install
 
 # Re-train the shipped model (deploy/models) with the recorded command.
 shipped-model: install
-	$(VENV)/bin/vidsearch synth --domain randomized --out data/synth-random --n 3000 --seed 7 --workers 2 --overwrite
+	$(VENV)/bin/vidsearch synth --out data/synth-train --n 3000 --seed 7 --workers 2 --overwrite
 	$(VENV)/bin/vidsearch train --config deploy/train/shipped.yaml --registry deploy/models --reindex never
 
 clean:
