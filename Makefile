@@ -29,6 +29,7 @@ bench: install
 	$(PY) benchmarks/ingest.py
 	$(PY) benchmarks/ingest.py --realistic
 	$(PY) benchmarks/serve.py
+	$(PY) benchmarks/faults.py
 	$(PY) benchmarks/quality.py --long
 	$(PY) benchmarks/quality_perturbations.py
 	$(PY) benchmarks/distill_probe.py

@@ -7,13 +7,17 @@ facts for the report header, percentiles and Markdown tables.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import platform
 import socket
+import subprocess
 import sys
+import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -235,3 +239,53 @@ def proc_state(pid: int) -> str | None:
 def load_average() -> float:
     """The 1-minute load average (runnable processes, all users)."""
     return round(os.getloadavg()[0], 2)
+
+
+# ----------------------------------------------------------------------------- datasets and services
+def synthetic_set(n: int, seed: int, workers: int) -> Path:
+    """The manifest of N synthetic videos written by ``vidsearch synth`` (its defaults:
+    64x64 px, 3 s at 8 fps), generated once per (n, seed) and cached under .bench/."""
+    out = CACHE_DIR / f"synth-n{n}-s{seed}"
+    manifest = out / "manifest.jsonl"
+    info_path = out / "synth.json"
+    if manifest.exists() and info_path.exists():
+        info = json.loads(info_path.read_text())
+        if info.get("n") == n and info.get("seed") == seed:
+            return manifest
+    started = time.perf_counter()
+    command = [str(Path(sys.executable).parent / "vidsearch"), "synth", "--out", str(out), "--n", str(n),
+               "--seed", str(seed), "--workers", str(max(1, workers)), "--overwrite", "--no-progress"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"vidsearch synth failed ({done.returncode}): {(done.stderr or done.stdout)[-2000:]}")
+    print(f"generated {n} synthetic videos in {time.perf_counter() - started:.1f}s -> {out}", flush=True)
+    return manifest
+
+
+def scrape_metrics(port: int, host: str = "127.0.0.1") -> dict[str, float]:
+    """An ingest worker's Prometheus counters, summed over labels (name -> value); {} when
+    the endpoint does not answer."""
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=2) as response:
+            text = response.read().decode()
+    except OSError:
+        return {}
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name_part, _, value = line.rpartition(" ")
+        name = name_part.split("{", 1)[0]
+        try:
+            totals[name] = totals.get(name, 0.0) + float(value)
+        except ValueError:
+            pass
+    return totals
+
+
+def committed_offsets(consumer: Any, topic: str, partitions: int) -> dict[int, int]:
+    """The consumer group's committed offset of each partition (0 where none), read
+    through a KafkaConsumer that has the group's id and never subscribes."""
+    from kafka import TopicPartition
+
+    return {p: consumer.committed(TopicPartition(topic, p)) or 0 for p in range(partitions)}

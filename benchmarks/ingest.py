@@ -37,7 +37,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -57,7 +56,7 @@ from vidsearch.config import (BrokerSettings, DecodeSettings, IngestSettings, Mo
 from vidsearch.services.ingest.encoder import EncoderPool, decode_frames  # noqa: E402
 from vidsearch.services.ingest.pipeline import MAX_CALLS_PER_ACTOR  # noqa: E402
 from vidsearch.services.ingest.producer import ops_from_manifest, publish  # noqa: E402
-from vidsearch.synth import INFO_NAME, MANIFEST_NAME, generate_dataset, load_manifest  # noqa: E402
+from vidsearch.synth import INFO_NAME, MANIFEST_NAME, load_manifest  # noqa: E402
 from vidsearch.video_camera import CameraSpec  # noqa: E402
 
 EFFICIENCY_TARGET = 0.8
@@ -69,20 +68,6 @@ ENCODER_TITLE = "ray::FrameEncoder"  # process title Ray gives the encoder actor
 
 
 # ============================================================================ dataset
-def synthetic_set(n: int, seed: int, workers: int) -> Path:
-    """The manifest of N synthetic videos, generated once and cached under .bench/."""
-    out = common.CACHE_DIR / f"synth-n{n}-s{seed}"
-    manifest = out / MANIFEST_NAME
-    if manifest.exists():
-        info = json.loads((out / INFO_NAME).read_text())
-        if info.get("n") == n and info.get("seed") == seed:
-            return manifest
-    started = time.perf_counter()
-    generate_dataset(out, n, seed=seed, workers=workers, overwrite=True, progress=False)
-    print(f"generated {n} synthetic videos in {time.perf_counter() - started:.1f}s -> {out}", flush=True)
-    return manifest
-
-
 # Camera-like files for --realistic: (spec, copies). Copies are the same file under
 # other video ids (decoding it is the same work each time).
 REALISTIC = [
@@ -393,26 +378,6 @@ class WorkerProcess:
         return self.proc.returncode
 
 
-def scrape_metrics(port: int) -> dict[str, float]:
-    """The worker's Prometheus counters, summed over labels (name -> value)."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
-            text = response.read().decode()
-    except OSError:
-        return {}
-    totals: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        name_part, _, value = line.rpartition(" ")
-        name = name_part.split("{", 1)[0]
-        try:
-            totals[name] = totals.get(name, 0.0) + float(value)
-        except ValueError:
-            pass
-    return totals
-
-
 @dataclass
 class MemoryPoint:
     videos: int
@@ -447,13 +412,7 @@ class MemoryWatch:
 
 
 def committed_total(consumer: Any, topic: str, partitions: int) -> int:
-    from kafka import TopicPartition
-
-    total = 0
-    for p in range(partitions):
-        offset = consumer.committed(TopicPartition(topic, p))
-        total += offset or 0
-    return total
+    return sum(common.committed_offsets(consumer, topic, partitions).values())
 
 
 def end_to_end(settings: Settings, manifest: Path, n: int, collection: str, rss_at: int,
@@ -512,7 +471,7 @@ def end_to_end(settings: Settings, manifest: Path, n: int, collection: str, rss_
         encoder_cpu_s = encoder_cpu_seconds() - cpu_before
         load_after = common.load_average()
         final = watch.read(n)
-        metrics = scrape_metrics(settings.ingest.metrics_port)
+        metrics = common.scrape_metrics(settings.ingest.metrics_port)
         cpu = {"worker_cpu_s": common.proc_cpu_seconds(worker.pid), "encoder_cpu_s": encoder_cpu_s}
     finally:
         for each in samplers:
@@ -831,7 +790,7 @@ def main(argv: list[str] | None = None) -> int:
         videos_dir = common.CACHE_DIR / "decode-videos"
         synth = {"realistic": [(spec.name, copies) for spec, copies in REALISTIC]}
     else:
-        manifest = synthetic_set(args.n, args.seed, workers=min(4, os.cpu_count() or 1))
+        manifest = common.synthetic_set(args.n, args.seed, workers=min(4, os.cpu_count() or 1))
         synth = json.loads((manifest.parent / INFO_NAME).read_text())
         uris = [r.uri for r in load_manifest(manifest)]
         videos_dir = manifest.parent / "videos"
