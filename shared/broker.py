@@ -233,14 +233,15 @@ class EmbeddedBroker:
             with os.fdopen(fd, "wb") as log_file:
                 command = [binary, "broker", "--listener-url", url, "--advertised-listener-url", advertised,
                            "--storage-engine", engine]
-                # Durable: its own session, so a signal to the stack's process group (Ctrl-C,
-                # `timeout`) leaves it to the stack to stop, after the worker's last commit and
-                # before the object server; the parent-death signal stops it with a SIGKILLed stack.
-                durable = self.data_dir is not None
+                # Durable: with the parent-death signal, so a SIGKILLed stack leaves no Tansu
+                # behind. It stays in the stack's process group: a signal to the group (Ctrl-C,
+                # `timeout`) stops it at once, as it did in memory, and an ingest worker that is
+                # just starting then fails fast on Kafka instead of hanging on a Ray that went too.
+                # (The object server has its own session and is stopped last, by the stack.)
                 try:
                     self._proc = subprocess.Popen(
-                        deathsig.wrap(command) if durable else command, stdin=subprocess.DEVNULL,
-                        stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=durable)
+                        deathsig.wrap(command) if self.data_dir is not None else command,
+                        stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, env=env)
                 except OSError as exc:
                     self.stop()
                     raise BrokerError(f"cannot run broker binary {binary}: {exc}") from exc

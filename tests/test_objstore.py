@@ -172,13 +172,16 @@ def test_conditional_put_gives_412_when_its_condition_fails(server):
 def test_racing_conditional_writers_have_exactly_one_winner(server):
     """The check and the replace happen under one lock: 16 writers, one If-None-Match: * win,
     then 16 If-Match updates from the same version, one win."""
-    def race(key, headers_for):
+    def race(key, round_name, headers_for):
         results = []
         barrier = threading.Barrier(16)
 
         def writer(i):
             barrier.wait()
-            results.append((call(server, "PUT", key, body=f"writer {i}".encode(), headers=headers_for(i))[0], i))
+            # Bodies unique across rounds: the ETag is the content's MD5, so a writer putting
+            # back the very bytes stored would keep the version (as on S3).
+            body = f"{round_name} {i}".encode()
+            results.append((call(server, "PUT", key, body=body, headers=headers_for(i))[0], i))
 
         threads = [threading.Thread(target=writer, args=(i,)) for i in range(16)]
         for t in threads:
@@ -187,12 +190,12 @@ def test_racing_conditional_writers_have_exactly_one_winner(server):
             t.join()
         return results
 
-    created = race("race/group.json", lambda i: {"if-none-match": "*"})
+    created = race("race/group.json", "create", lambda i: {"if-none-match": "*"})
     winners = [i for status, i in created if status == 200]
     assert len(winners) == 1 and sorted(s for s, _ in created) == [200] + [412] * 15
-    assert call(server, "GET", "race/group.json")[2] == f"writer {winners[0]}".encode()
-    version = md5_etag(f"writer {winners[0]}".encode())
-    updated = race("race/group.json", lambda i: {"if-match": version})
+    assert call(server, "GET", "race/group.json")[2] == f"create {winners[0]}".encode()
+    version = md5_etag(f"create {winners[0]}".encode())
+    updated = race("race/group.json", "update", lambda i: {"if-match": version})
     assert sorted(s for s, _ in updated) == [200] + [412] * 15
 
 

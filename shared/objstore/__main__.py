@@ -16,8 +16,8 @@ import threading
 from pathlib import Path
 from types import FrameType
 
-from .deathsig import die_with_parent
 from .datadir import OBJECTS_DIR, RUN_DIR, DataDirError, DirLock, load_credentials, start_time
+from .deathsig import die_with_parent
 from .objects import FileObjects
 from .server import ObjectServer
 

@@ -1,12 +1,11 @@
 """Tie a child process's life to its parent's (Linux ``PR_SET_PDEATHSIG``).
 
-The durable broker's processes run in their own session, so that a signal to the whole
-process group of `vidsearch up` (Ctrl-C, ``timeout``, ``kill -- -PGID``) does not stop them
-before the stack has stopped its ingest worker: the stack stops Tansu, then the object
-server, in that order. What keeps them from outliving a SIGKILLed `vidsearch up` is this
-signal. ``python -m vidsearch.objstore.deathsig PARENT_PID -- COMMAND...`` sets it and then
-execs COMMAND (same pid; the setting survives exec), which is how Tansu, a binary that
-can't set it itself, gets it.
+The durable broker's object server runs in its own session, so that a signal to the whole
+process group of `vidsearch up` (Ctrl-C, ``timeout``, ``kill -- -PGID``) does not stop it
+before Tansu: the stack stops it last. What keeps it, and Tansu, from outliving a SIGKILLed
+`vidsearch up` is this signal. ``python -m vidsearch.objstore.deathsig PARENT_PID -- COMMAND...``
+sets it and then execs COMMAND (same pid; the setting survives exec), which is how Tansu, a
+binary that can't set it itself, gets it.
 """
 from __future__ import annotations
 

@@ -122,7 +122,7 @@ class ObjectServerProcess:
         with os.fdopen(os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as log_file:
             try:
                 # Its own session: a signal to `vidsearch up`'s process group must not stop it
-                # before Tansu (see vidsearch.objstore.deathsig).
+                # before Tansu, which may still be writing (see vidsearch.objstore.deathsig).
                 self._proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_file,
                                               stderr=subprocess.STDOUT, env=env, start_new_session=True)
             except OSError as exc:
