@@ -66,6 +66,8 @@ def broker_status(settings: Settings, status: StackStatus, metrics_endpoint: str
     from kafka import KafkaConsumer, TopicPartition
     from kafka.admin import KafkaAdminClient
 
+    from vidsearch.kafka_offsets import end_offsets
+
     b = settings.broker
     if not b.bootstrap:
         status.health["broker"] = Health(False, "no broker configured (KAFKA_BOOTSTRAP) and no running stack found")
@@ -91,7 +93,8 @@ def broker_status(settings: Settings, status: StackStatus, metrics_endpoint: str
     try:
         def lag() -> None:
             parts = [TopicPartition(b.ingest_topic, p) for p in sorted(consumer.partitions_for_topic(b.ingest_topic) or [])]
-            ends = consumer.end_offsets(parts) if parts else {}
+            # Counted from the records: the embedded broker's watermark can stop short (kafka_offsets).
+            ends = end_offsets(consumer, parts)
             committed = admin.list_group_offsets(b.consumer_group).get(b.consumer_group, {})
             for tp in parts:
                 done = committed.get(tp)
@@ -101,7 +104,7 @@ def broker_status(settings: Settings, status: StackStatus, metrics_endpoint: str
         def dlq() -> None:
             parts = [TopicPartition(b.dlq_topic, p) for p in sorted(consumer.partitions_for_topic(b.dlq_topic) or [])]
             if parts:
-                ends, starts = consumer.end_offsets(parts), consumer.beginning_offsets(parts)
+                ends, starts = end_offsets(consumer, parts), consumer.beginning_offsets(parts)
                 status.dlq_records = sum(int(ends[tp]) - int(starts[tp]) for tp in parts)
             else:
                 status.dlq_records = 0
