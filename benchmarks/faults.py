@@ -23,7 +23,7 @@ search throughput and p99 before, during and after the fault as ratios (and inge
 throughput where it ingests). Writes docs/benchmarks/faults.md, faults.json and
 faults.png (``--quick``: under .bench/results).
 
-    python benchmarks/faults.py            # ~300 videos, every fault
+    python benchmarks/faults.py            # 600 small videos, every fault
     python benchmarks/faults.py --quick    # a few dozen videos, shorter windows
     python benchmarks/faults.py --quick --only store,worker_loop
 """
@@ -52,7 +52,7 @@ from stack_run import wait_until  # noqa: E402
 # kafka-python logs every refused connection while a stack is down, which is the point here.
 logging.getLogger("kafka").setLevel(logging.CRITICAL)
 
-FULL = Plan(baseline=100, bad_messages=3, store_videos=60, loop_videos=80, loop_kills=4, restart_videos=30,
+FULL = Plan(baseline=100, bad_messages=3, store_videos=100, loop_videos=320, loop_kills=4, restart_videos=40,
             window_s=20.0)
 QUICK = Plan(baseline=8, bad_messages=2, store_videos=12, loop_videos=12, loop_kills=2, restart_videos=4,
              window_s=6.0)
@@ -98,6 +98,7 @@ def baseline(bench: Bench) -> dict[str, Any]:
     warm = warm_up(bench)
     missing = bench.missing([op.video_id for op in ops])
     bench.ingested |= {op.video_id for op in ops} - set(missing)
+    bench.baseline_rate = faults_cases.steady_rate(monitor.timeline, t_drained)
     return {"videos": len(ops), "bad_messages": p.bad_messages, "dlq": bench.broker.dlq_records(),
             "seconds": t_drained - t0, "rate_per_s": faults_cases.steady_rate(monitor.timeline, t_drained),
             "missing": len(missing), "warm_up_requests": warm}

@@ -62,6 +62,7 @@ class Bench:
         self.stack: StackProcess | None = None
         self.broker: BrokerView | None = None
         self.ingested: set[str] = set()  # video ids every later check expects in the store
+        self.baseline_rate = float("nan")  # videos/s the baseline was ingested at
         self.log: list[str] = []
 
     def say(self, text: str) -> None:
@@ -180,12 +181,21 @@ class IngestMonitor:
         return (self.committed_at(end) - self.committed_at(start)) / (end - start)
 
 
-def ingest_phases(monitor: IngestMonitor, before: tuple[float, float], during: tuple[float, float],
+def ingest_phases(before_per_s: float, monitor: IngestMonitor, during: tuple[float, float],
                   after: tuple[float, float] | None) -> dict[str, Any]:
-    b, d = monitor.rate(*before), monitor.rate(*during)
+    """Ingestion throughput during and after a fault against ``before_per_s``, the baseline's
+    (the same worker on the same stack with nothing failing): a fault phase's own time before
+    the kill is a fraction of a second, too short to measure a rate."""
+    d = monitor.rate(*during)
     a = monitor.rate(*after) if after is not None else float("nan")
-    return {"before_per_s": b, "during_per_s": d, "after_per_s": a,
-            "during_before": search_load.ratio(d, b), "after_before": search_load.ratio(a, b)}
+    return {"before_per_s": before_per_s, "during_per_s": d, "after_per_s": a,
+            "during_before": search_load.ratio(d, before_per_s), "after_before": search_load.ratio(a, before_per_s)}
+
+
+def backlog_rate(before_per_s: float, videos: int, start: float, end: float) -> dict[str, Any]:
+    """``videos`` committed between ``start`` and ``end``, per second, against ``before_per_s``."""
+    rate = videos / (end - start) if end > start else float("nan")
+    return {"after_per_s": rate, "after_before": search_load.ratio(rate, before_per_s)}
 
 
 def recovered_at(load: SearchLoad, since: float, good: Callable[[search_load.Sample], bool],
@@ -216,6 +226,27 @@ def steady_rate(timeline: Sequence[tuple[float, int]], end: float) -> float:
     if first is None or not last or end <= first[0]:
         return float("nan")
     return (last[-1] - first[1]) / (end - first[0])
+
+
+def upserts(stack: StackProcess) -> float:
+    """The running worker's upsert counter (0 while no worker answers)."""
+    return stack.worker_metrics().get("vidsearch_ingest_videos_total", 0.0)
+
+
+def wait_stored_beyond(bench: Bench, floor: float, what: str) -> bool:
+    """Until the worker has stored more than ``floor`` videos (its own counter, read every
+    50 ms: the moment a batch is written, before its offsets are committed), or nothing is
+    left to ingest; True when it stored more."""
+    stack = bench.stack
+    deadline = time.monotonic() + bench.plan.recover_timeout_s
+    while time.monotonic() < deadline:
+        stack.check_alive()
+        if upserts(stack) > floor:
+            return True
+        if bench.broker.lag() == 0:
+            return False
+        time.sleep(0.05)
+    raise TimeoutError(f"timed out waiting for {what}")
 
 
 def kill(pids: Sequence[int]) -> None:
@@ -250,7 +281,7 @@ def reranker(bench: Bench) -> dict[str, Any]:
     if not victims:
         load.stop()
         raise RuntimeError("no reranker replica process found below the stack")
-    t_kill = time.monotonic()
+    t_kill, wall_kill = time.monotonic(), time.time()
     kill(victims)
     bench.say(f"reranker: SIGKILLed replica pid(s) {victims}")
     back = recovered_at(load, t_kill, lambda s: s.code == "OK" and s.reranked, p.recover_timeout_s)
@@ -259,11 +290,19 @@ def reranker(bench: Bench) -> dict[str, Any]:
     samples = load.stop()
     ph = phases(samples, (t_kill - p.window_s, t_kill), (t_kill, t_back), (t_back, t_back + p.window_s))
     back_s = None if back is None else back - t_kill
+    # When Serve's controller noticed (its log line), and how the slow answers of the outage split.
+    noticed = stack.log_time("crashed, marking it unhealthy", "deployment='Reranker'", after=wall_kill)
+    noticed_s = None if noticed is None else noticed - wall_kill
+    slow = [s for s in samples if t_kill <= s.t < t_back and s.code == "OK" and s.latency_s >= 1.0]
+    early = [s for s in slow if noticed_s is not None and s.t - t_kill <= noticed_s]
     failed = sum(1 for s in samples if s.code != "OK")
     ratio = ph["p99_during_before"]
     checks = {"0 failed": failed == 0, "p99 during <= 2x before": ratio == ratio and ratio <= P99_RATIO_TARGET,
               "re-ranking back within 30 s": back_s is not None and back_s <= RERANK_BACK_TARGET_S}
     return {"killed": victims, "new_replica": stack.reranker_pids(), "sent": len(samples), "failed": failed,
+            "controller_noticed_s": noticed_s, "slow_during": len(slow), "slow_before_noticed": len(early),
+            "slow_reasons": sorted({str(s.skipped) for s in slow}),
+            "slow_ms": [round(1000 * s.latency_s) for s in slow],
             "degraded": sum(1 for s in samples if s.code == "OK" and not s.reranked), "lost": 0,
             "duplicated": 0, "recover_s": back_s, "windows": summarise_windows(ph),
             "failure_codes": codes_of(samples), "checks": checks, "target": all(checks.values()),
@@ -339,51 +378,55 @@ def store(bench: Bench) -> dict[str, Any]:
     ops = bench.take(p.store_videos)
     ids = [op.video_id for op in ops]
     load = bench.load()
+    time.sleep(p.window_s)  # the search load's own "before"
+    half = len(ops) // 2
     with IngestMonitor(bench.broker) as monitor:
-        start_committed = sum(bench.broker.committed().values())
-        t_publish = time.monotonic()
-        bench.publish(ops)
-        # Kill once this phase's first batch is committed (the rest in flight or queued), or after the window.
-        wait_until(lambda: (sum(bench.broker.committed().values()) > start_committed
-                            or time.monotonic() - t_publish >= p.window_s), "ingestion to get going",
-                   p.recover_timeout_s, check=stack.check_alive)
-        t_before = max(time.monotonic() - p.window_s, load.started_at)
+        # The first half is ingested and acknowledged; the second is in flight when the actor dies.
+        if half:
+            bench.publish(ops[:half])
+            bench.wait_drained("store, first half")
         victims = stack.store_actor_pids()
         if not victims:
             load.stop()
             raise RuntimeError("no store actor process found below the stack")
+        bench.publish(ops[half:])
         t_kill = time.monotonic()
         kill(victims)
-        bench.say(f"store: SIGKILLed store actor pid(s) {victims}")
-        # Everything the worker had acknowledged (committed after the store's wait=True write)
-        # by now must be in the store once it is back.
-        acknowledged = sorted(bench.broker.acknowledged_ids() & set(ids))
+        committed_at_kill = bench.broker.committed()
+        bench.say(f"store: SIGKILLed store actor pid(s) {victims} with {len(ops) - half} videos just published")
+        # Everything the worker had acknowledged by then (every phase so far: offsets are committed
+        # only after the store's wait=True write) must be in the store once the actor is back.
+        acknowledged = sorted({key for part, offset, key in bench.broker.records()
+                               if offset < committed_at_kill.get(part, 0) and not key.startswith("bad-")})
         back = recovered_at(load, t_kill, lambda s: s.code == "OK", p.recover_timeout_s)
         t_back = back if back is not None else time.monotonic()
         t_drained = bench.wait_drained("store")
         time.sleep(max(0.0, t_back + p.window_s - time.monotonic()))
         samples = load.stop()
-        t_end = time.monotonic()
     new_actor = stack.store_actor_pids()
     lost = bench.missing(acknowledged)
     missing_all = bench.missing(ids)
     bench.ingested |= set(ids) - set(missing_all)
+    points = stack.status().get("points")
+    duplicated = None if points is None else max(0, int(points) - len(bench.ingested))
     ph = phases(samples, (t_kill - p.window_s, t_kill), (t_kill, t_back), (t_back, t_back + p.window_s))
     outage = [s for s in samples if t_kill <= s.t < t_back]
     codes = codes_of(samples)
     back_s = None if back is None else t_back - t_kill
-    checks = {"0 acknowledged writes lost": not lost,
+    checks = {"0 acknowledged writes lost": not lost and bool(acknowledged),
               "searches fail with UNAVAILABLE only (never INTERNAL)": set(codes) <= {"UNAVAILABLE"},
               "searches answer again": back is not None, "every video ingested in the end": not missing_all}
     return {"killed": victims, "new_actor": new_actor, "videos": len(ids), "acknowledged_at_kill": len(acknowledged),
-            "lost": len(lost), "lost_ids": lost[:20], "missing_at_end": len(missing_all), "duplicated": 0,
+            "lost": len(lost), "lost_ids": lost[:20], "missing_at_end": len(missing_all), "duplicated": duplicated,
+            "in_flight_at_kill": len(ops) - half, "points": points,
             "sent": len(samples), "failed": sum(codes.values()), "failure_codes": codes,
             "failure_details": sorted({s.details[:160] for s in samples if s.code != "OK"})[:6],
             "outage_answers": {"sent": len(outage), "ok": sum(1 for s in outage if s.code == "OK")},
             "degraded": sum(1 for s in samples if s.code == "OK" and not s.reranked),
             "recover_s": back_s, "drained_after_kill_s": t_drained - t_kill, "windows": summarise_windows(ph),
-            "ingest": ingest_phases(monitor, (max(t_before, t_publish), t_kill), (t_kill, t_back),
-                                    (t_back, min(t_drained, t_end)) if t_drained > t_back else None),
+            "ingest": {**ingest_phases(bench.baseline_rate, monitor, (t_kill, t_back), None),
+                       # The in-flight videos, committed between the store's return and the drain.
+                       **backlog_rate(bench.baseline_rate, len(ops) - half, t_back, t_drained)},
             "checks": checks, "target": all(checks.values()),
             "timeline": timeline(samples, t_kill, {"kill": t_kill, "back": back, "drained": t_drained},
                                  (t_kill, t_back))}
@@ -396,36 +439,32 @@ def worker_loop(bench: Bench) -> dict[str, Any]:
     ops = bench.take(p.loop_videos)
     ids = [op.video_id for op in ops]
     load = bench.load()
+    time.sleep(p.window_s)  # the search load's own "before"
     kills: list[dict[str, Any]] = []
     # The running worker's counter already holds what it ingested in earlier phases.
-    upserts_seen = -stack.worker_metrics().get("vidsearch_ingest_videos_total", 0.0)
+    floor = upserts(stack)
+    upserts_seen = -floor
     with IngestMonitor(bench.broker) as monitor:
-        start_committed = sum(bench.broker.committed().values())
-        t_publish = time.monotonic()
         bench.publish(ops)
-        wait_until(lambda: (sum(bench.broker.committed().values()) - start_committed >= max(1, len(ops) // 6)
-                            or time.monotonic() - t_publish >= p.window_s), "ingestion to get going",
-                   p.recover_timeout_s, check=stack.check_alive)
+        wait_stored_beyond(bench, floor, "the worker to store a batch")
         t_first = time.monotonic()
+        victim = 0
         for k in range(p.loop_kills):
-            (victim, *_) = wait_until(stack.worker_pids, "a running ingest worker", p.recover_timeout_s,
-                                      check=stack.check_alive)
             if k > 0:
-                # Each incarnation first gets to commit something, else the loop would kill a worker
-                # that never polled; once the backlog is gone there is nothing left to interrupt.
-                floor = sum(bench.broker.committed().values())
-                wait_until(lambda: sum(bench.broker.committed().values()) > floor or bench.broker.lag() == 0,
-                           "the restarted worker to commit", p.recover_timeout_s, check=stack.check_alive)
-                if bench.broker.lag() == 0:
+                # Each incarnation is killed as it writes its first batch (a worker that never
+                # polled tests nothing); once the backlog is gone there is nothing to interrupt.
+                wait_until(lambda: [pid for pid in stack.worker_pids() if pid != victim], "a restarted worker",
+                           p.recover_timeout_s, check=stack.check_alive)
+                if not wait_stored_beyond(bench, 0.0, "the restarted worker to store a batch"):
                     bench.say(f"worker loop: backlog drained after {k} kill(s); no more to interrupt")
                     break
-                (victim, *_) = stack.worker_pids() or [victim]
-            upserts = stack.worker_metrics().get("vidsearch_ingest_videos_total", 0.0)
-            upserts_seen += upserts
+            (victim, *_) = stack.worker_pids()
+            stored = upserts(stack)
+            upserts_seen += stored
             t = time.monotonic()
             kill([victim])
             kills.append({"t": t, "pid": victim, "committed": sum(bench.broker.committed().values()),
-                          "upserts_before_kill": upserts})
+                          "upserts_before_kill": stored})
             bench.say(f"worker loop: SIGKILL {k + 1}/{p.loop_kills} of worker pid {victim}")
         t_last = time.monotonic()
         t_drained = bench.wait_drained("worker loop")
@@ -449,8 +488,7 @@ def worker_loop(bench: Bench) -> dict[str, Any]:
             "failure_codes": codes_of(samples),
             "degraded": sum(1 for s in samples if s.code == "OK" and not s.reranked),
             "windows": summarise_windows(ph),
-            "ingest": ingest_phases(monitor, (max(t_publish, t_first - p.window_s), t_first), (t_first, t_drained),
-                                    None),
+            "ingest": ingest_phases(bench.baseline_rate, monitor, (t_first, t_drained), None),
             "lag_end": bench.broker.lag(), "checks": checks, "target": all(checks.values()),
             "timeline": timeline(samples, t_first, {**{f"kill {i + 1}": k["t"] for i, k in enumerate(kills)},
                                                     "drained": t_drained}, (t_first, t_drained)),

@@ -139,6 +139,25 @@ class StackProcess:
             time.sleep(0.25)
         raise StackFailed(f"no embedded broker within {timeout_s:g}s:\n{self.log_tail()}")
 
+    def log_time(self, *needles: str, after: float) -> float | None:
+        """The time (epoch seconds) of the first line of the log holding every one of
+        ``needles`` and stamped at or after ``after``; Ray and Serve stamp their lines
+        ``YYYY-MM-DD HH:MM:SS,mmm`` in local time."""
+        import datetime as dt
+        import re
+
+        stamp = re.compile(r"(\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}),(\d{3})")
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if not all(n in line for n in needles):
+                continue
+            found = stamp.search(line)
+            if found is None:
+                continue
+            when = dt.datetime.strptime(found.group(1), "%Y-%m-%d %H:%M:%S").timestamp() + int(found.group(2)) / 1000
+            if when >= after - 0.001:
+                return when
+        return None
+
     def client_env(self) -> dict[str, str]:
         """What a command joining this stack needs (its settings plus the state file's env)."""
         assert self.state is not None, "the stack is not up"
@@ -201,8 +220,9 @@ class StackProcess:
         return self.proc.returncode, time.monotonic() - started
 
     def kill(self) -> list[int]:
-        """SIGKILL to the stack's whole process group (``vidsearch up``, Ray, the worker), as a
-        crash would leave it; the broker's own session follows by its parent-death signal.
+        """SIGKILL to the stack's whole process group (``vidsearch up``, Ray, the worker, Tansu), as
+        a crash would leave it; the broker's object server, in its own session, follows by its
+        parent-death signal.
         Returns the processes of the stack still alive 10 s later (then killed here too)."""
         tree = self.tree()
         os.killpg(self.pid, signal.SIGKILL)
@@ -239,8 +259,8 @@ class BrokerView:
     sees them (no group membership: nothing here moves the worker's partitions).
 
     End offsets are counted from the records themselves, not taken from the broker's high
-    watermark: the durable embedded broker (Tansu's s3 engine) answers ListOffsets with the
-    last record batch's base offset + 1, so a batch of several records reads as one.
+    watermark: the embedded broker (Tansu 0.6.0) answers ListOffsets with the last record
+    batch's base offset + 1, so a batch of several records reads as one (vidsearch.kafka_offsets).
     :meth:`refresh` re-reads them after each publish.
     """
 
