@@ -132,8 +132,12 @@ class CircuitBreaker:
         self._opened = 0
 
     # ------------------------------------------------------------------ callers
-    def try_acquire(self) -> Permit | None:
-        """A permit to call now, or None: the caller must not call (short circuit)."""
+    def try_acquire(self, *, allow_probe: bool = True) -> Permit | None:
+        """A permit to call now, or None: the caller must not call (short circuit).
+
+        ``allow_probe=False`` is for callers that must never be the probe (a user's request
+        when a background task does the probing): they get a permit only while closed, and
+        they do not move an open breaker to half-open."""
         with self._lock:
             now = self._clock()
             transitions = []
@@ -141,11 +145,11 @@ class CircuitBreaker:
                     and now - self._probe_since >= self.policy.probe_lease_s:
                 self._failures += 1
                 transitions.append(self._open_locked(now, "probe did not report within its lease", longer=True))
-            if self._state is BreakerState.OPEN and now - self._opened_at >= self._backoff_s:
+            if allow_probe and self._state is BreakerState.OPEN and now - self._opened_at >= self._backoff_s:
                 transitions.append(self._move_locked(BreakerState.HALF_OPEN))
             if self._state is BreakerState.CLOSED:
                 permit: Permit | None = Permit(self, self._generation, is_probe=False)
-            elif self._state is BreakerState.HALF_OPEN and self._probe_since is None:
+            elif allow_probe and self._state is BreakerState.HALF_OPEN and self._probe_since is None:
                 self._probe_since = now
                 permit = Permit(self, self._generation, is_probe=True)
             else:

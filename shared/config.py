@@ -215,8 +215,15 @@ class ServeSettings(_Section):
     rerank_breaker_failures: int = Field(1, ge=1, le=1000, description="consecutive reranker failures or timeouts that open the breaker")
     rerank_breaker_backoff_s: float = Field(2.0, gt=0, le=3600, description="first back-off window: how long an open breaker answers recall-only before one probe call may go")
     rerank_breaker_backoff_max_s: float = Field(30.0, gt=0, le=3600, description="longest back-off window; each failed probe doubles the window, up to this")
-    rerank_breaker_probe_timeout_s: float = Field(5.0, gt=0, le=600, description="the most the one half-open probe waits for the reranker (its share of the deadline, capped at this): while the reranker stays down, one search per window waits at most this long")
+    rerank_breaker_probe_timeout_s: float = Field(5.0, gt=0, le=600, description="the most the half-open probe waits for the reranker; the probe is sent by the ingress in the background (with the last search's reranker request), never inside a user's search")
     rerank_breaker_min_timeout_s: float = Field(0.5, ge=0, description="a timed-out reranker call counts as a failure only when it had at least this long (a client's short deadline says nothing about the reranker); at most rerank_breaker_probe_timeout_s")
+    # The adaptive per-call timeout: a reranker call gives up after a small multiple of the
+    # latency recently observed, not after its whole share of the deadline, so the searches
+    # in flight when a replica dies wait a bounded multiple of a normal answer.
+    rerank_breaker_timeout_multiplier: float = Field(2.0, ge=1, le=100, description="a reranker call times out after this many times the slowest of the last serve.rerank_breaker_latency_window successful calls (never after more than its share of the deadline)")
+    rerank_breaker_timeout_floor_s: float = Field(0.05, gt=0, le=600, description="the adaptive reranker timeout is never below this")
+    rerank_breaker_latency_window: int = Field(50, ge=1, le=100000, description="successful reranker calls whose latency the adaptive timeout looks at")
+    rerank_breaker_latency_min_samples: int = Field(5, ge=1, le=100000, description="successful calls needed before the adaptive timeout applies (until then a call may take its whole share of the deadline); at most serve.rerank_breaker_latency_window")
 
     @field_validator("rerank_breaker_backoff_max_s")
     @classmethod
@@ -234,6 +241,15 @@ class ServeSettings(_Section):
         probe = info.data.get("rerank_breaker_probe_timeout_s")
         if probe is not None and value > probe:
             raise ValueError(f"must be <= serve.rerank_breaker_probe_timeout_s ({probe:g})")
+        return value
+
+    @field_validator("rerank_breaker_latency_min_samples")
+    @classmethod
+    def _min_samples_within_window(cls, value: int, info: Any) -> int:
+        # More than the window holds could never be reached: the adaptive timeout would never apply.
+        window = info.data.get("rerank_breaker_latency_window")
+        if window is not None and value > window:
+            raise ValueError(f"must be <= serve.rerank_breaker_latency_window ({window})")
         return value
 
 

@@ -286,13 +286,184 @@ def test_rerank_breaker_follows_the_settings(clock):
     assert breaker.snapshot()["backoff_s"] == 3.0
 
 
-def test_probe_waits_at_most_the_probe_timeout(clock):
-    breaker = RerankBreaker(serve_settings(rerank_breaker_probe_timeout_s=1.5), clock=clock, export_metrics=False)
-    assert breaker.admit().budget(4.0) == 4.0  # an ordinary call keeps its share of the deadline
-    breaker.admit().failed(TimeoutError(), budget_s=4.0)
-    clock.advance(2.0)
-    probe = breaker.admit()
-    assert probe.is_probe and probe.budget(4.0) == 1.5 and probe.budget(0.8) == 0.8
+def test_adaptive_timeout_is_a_small_multiple_of_recent_latency(clock):
+    breaker = RerankBreaker(serve_settings(rerank_breaker_timeout_multiplier=2.0, rerank_breaker_timeout_floor_s=0.05,
+                                           rerank_breaker_latency_window=4, rerank_breaker_latency_min_samples=3),
+                            clock=clock, export_metrics=False)
+
+    def answered_after(seconds: float) -> None:
+        guard = breaker.admit()
+        clock.advance(seconds)
+        guard.succeeded()
+        guard.release()
+
+    for latency in (0.1, 0.3):
+        answered_after(latency)
+        # Too few answers to know what normal is: a call may take its whole share of the deadline.
+        guard = breaker.admit()
+        assert guard.timeout(5.0) == 5.0 and not guard.adaptive
+        guard.release()
+    answered_after(0.2)
+    assert breaker.snapshot()["adaptive_timeout_s"] == pytest.approx(0.6)  # 2 x the slowest of the window
+    guard = breaker.admit()
+    assert guard.timeout(5.0) == pytest.approx(0.6) and guard.adaptive
+    short = breaker.admit()
+    assert short.timeout(0.4) == 0.4 and not short.adaptive  # never more than the deadline's share
+    short.release()
+    for _ in range(4):  # the window slides: only the last 4 answers count, and the floor holds
+        answered_after(0.001)
+    assert breaker.snapshot()["adaptive_timeout_s"] == pytest.approx(0.05)
+    # A call cut short by the adaptive timeout is evidence against the reranker, however short:
+    # the reranker answered many calls in well under that.
+    guard.failed(TimeoutError(), budget_s=0.05)
+    assert breaker.snapshot()["state"] == "open"
+
+
+class Answers:
+    """Reranker answers the test resolves by hand: one asyncio future per call."""
+
+    def __init__(self, n: int) -> None:
+        loop = asyncio.get_running_loop()
+        self.futures = [loop.create_future() for _ in range(n)]
+
+
+async def rerank_call(breaker: RerankBreaker, answer: "asyncio.Future[str]", budget_s: float = 60.0) -> str:
+    """How the ingress calls the reranker through the breaker (SearchIngress._call_reranker)."""
+    from vidsearch.services.query.rerank_breaker import BreakerOpened
+
+    guard = breaker.admit()
+    if guard is None:
+        return "circuit_open"
+    timeout = guard.timeout(budget_s)
+    try:
+        result = await guard.race(answer, timeout)
+        guard.succeeded()
+        return result
+    except BreakerOpened as exc:
+        guard.failed(exc, timeout)
+        return "released"
+    except Exception as exc:  # noqa: BLE001
+        guard.failed(exc, timeout)
+        return "timeout" if isinstance(exc, asyncio.TimeoutError) else "failed"
+    finally:
+        guard.release()
+
+
+def test_one_failure_releases_every_call_in_flight():
+    """Three searches wait on a reranker that does not answer; the first one's failure opens
+    the breaker and the other two give up at once, without a failure of their own."""
+
+    async def scenario() -> tuple[list[str], dict, list[bool]]:
+        breaker = RerankBreaker(serve_settings(rerank_breaker_backoff_s=60.0, rerank_breaker_backoff_max_s=60.0),
+                                export_metrics=False)
+        answers = Answers(3)
+        calls = [asyncio.ensure_future(rerank_call(breaker, fut)) for fut in answers.futures]
+        for _ in range(10):  # each turn of the loop runs every call up to its wait on the reranker
+            await asyncio.sleep(0)
+        assert not any(call.done() for call in calls)
+        answers.futures[0].set_exception(ConnectionError("replica died"))
+        outcomes = await asyncio.gather(*calls)
+        return outcomes, breaker.snapshot(), [f.cancelled() for f in answers.futures[1:]]
+
+    outcomes, snap, cancelled = asyncio.run(scenario())
+    assert outcomes == ["failed", "released", "released"]
+    assert snap["state"] == "open" and snap["consecutive_failures"] == 1 and snap["opened_total"] == 1
+    assert snap["released_total"] == 2
+    assert cancelled == [True, True]  # the released calls' reranker requests are cancelled
+
+
+def test_a_timed_out_call_releases_the_others_and_later_calls_short_circuit():
+    async def scenario() -> tuple[list[str], str, dict]:
+        settings = serve_settings(rerank_breaker_backoff_s=60.0, rerank_breaker_backoff_max_s=60.0,
+                                  rerank_breaker_latency_min_samples=1, rerank_breaker_timeout_floor_s=0.01)
+        breaker = RerankBreaker(settings, export_metrics=False)
+        breaker.record_latency(0.001)  # normal is 1 ms: a silent reranker is given up on after the floor
+        answers = Answers(3)
+        first = asyncio.ensure_future(rerank_call(breaker, answers.futures[0]))
+        others = [asyncio.ensure_future(rerank_call(breaker, fut, budget_s=600.0)) for fut in answers.futures[1:]]
+        # None of the three waits out its share of the deadline (60 s, 600 s): the first adaptive
+        # timeout opens the breaker and releases the others (or they time out on their own).
+        outcomes = await asyncio.gather(first, *others)
+        late = await rerank_call(breaker, asyncio.get_running_loop().create_future())
+        return outcomes, late, breaker.snapshot()
+
+    outcomes, late, snap = asyncio.run(scenario())
+    assert outcomes[0] in ("timeout", "released") and "timeout" in outcomes
+    assert set(outcomes) <= {"timeout", "released"}
+    assert late == "circuit_open"
+    assert snap["state"] == "open" and snap["consecutive_failures"] == 1
+    assert snap["released_total"] == outcomes.count("released")
+
+
+class Reranker:
+    """The probe's far end: down or up as the test says; counts the probes it gets."""
+
+    def __init__(self) -> None:
+        self.up = False
+        self.probes = 0
+
+    async def __call__(self, timeout_s: float) -> None:
+        self.probes += 1
+        await asyncio.sleep(0)
+        if not self.up:
+            raise ConnectionError("reranker still down")
+
+
+async def wait_for_state(breaker: RerankBreaker, check: Callable[[dict], bool], limit_s: float = 60.0) -> dict:
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + limit_s
+    while not check(breaker.snapshot()):
+        assert loop.time() < give_up, breaker.snapshot()
+        await asyncio.sleep(0.01)
+    return breaker.snapshot()
+
+
+def test_the_background_probe_closes_the_breaker_and_searches_never_probe():
+    async def scenario() -> tuple[list[str], dict, dict, int, str]:
+        reranker = Reranker()
+        settings = serve_settings(rerank_breaker_backoff_s=0.02, rerank_breaker_backoff_max_s=0.1)
+        breaker = RerankBreaker(settings, probe=reranker, export_metrics=False)
+        loop = asyncio.get_running_loop()
+        failing = loop.create_future()
+        failing.set_exception(ConnectionError("replica died"))
+        first = await rerank_call(breaker, failing)
+        # While it is open, searches only read the state: none is let through, not even after the
+        # back-off window, while the background probes find the reranker still down.
+        searches = []
+        while reranker.probes < 3:
+            searches.append(await rerank_call(breaker, loop.create_future()))
+            await asyncio.sleep(0.005)
+        down = await wait_for_state(breaker, lambda s: s["probes_total"] >= 3 and s["state"] == "open")
+        reranker.up = True
+        closed = await wait_for_state(breaker, lambda s: s["state"] == "closed")
+        answer = loop.create_future()
+        answer.set_result("scores")
+        after = await rerank_call(breaker, answer)
+        return [first, *searches], down, closed, reranker.probes, after
+
+    outcomes, down, closed, probes, after = asyncio.run(scenario())
+    assert outcomes[0] == "failed" and set(outcomes[1:]) == {"circuit_open"}
+    assert down["opened_total"] >= 3 and down["backoff_s"] > 0.02  # failed probes lengthen the window
+    assert closed["consecutive_failures"] == 0 and closed["backoff_s"] == 0.02
+    assert closed["probes_total"] == probes and closed["latency_samples"] == 1  # the probe's answer counts
+    # Every call that reached the reranker was a probe or the first search.
+    assert closed["admitted_total"] == 1 + probes
+    assert after == "scores"
+
+
+def test_a_user_call_never_takes_the_probe_when_asked_not_to(clock):
+    breaker, dep = make(clock), Dependency()
+    dep.up = False
+    assert guarded(breaker, dep) == "failed"
+    clock.advance(60.0)
+    assert breaker.try_acquire(allow_probe=False) is None
+    assert breaker.snapshot().state is OPEN  # reading does not move it to half-open
+    probe = breaker.try_acquire()
+    assert probe is not None and probe.is_probe and breaker.snapshot().state is HALF_OPEN
+    assert breaker.try_acquire(allow_probe=False) is None
+    probe.succeeded()
+    permit = breaker.try_acquire(allow_probe=False)
+    assert permit is not None and not permit.is_probe
 
 
 def test_a_client_deadline_too_short_for_the_reranker_is_no_failure(clock):
@@ -338,6 +509,8 @@ def test_breaker_defaults():
     serve = load_settings(env={}).serve
     assert serve.rerank_breaker_enabled and serve.rerank_breaker_failures == 1
     assert (serve.rerank_breaker_backoff_s, serve.rerank_breaker_backoff_max_s) == (2.0, 30.0)
+    assert (serve.rerank_breaker_timeout_multiplier, serve.rerank_breaker_timeout_floor_s) == (2.0, 0.05)
+    assert (serve.rerank_breaker_latency_window, serve.rerank_breaker_latency_min_samples) == (50, 5)
 
 
 @pytest.mark.parametrize(("env", "named"), [
@@ -352,6 +525,11 @@ def test_breaker_defaults():
     ({"VIDSEARCH_SERVE__RERANK_BREAKER_PROBE_TIMEOUT_S": "0"}, "serve.rerank_breaker_probe_timeout_s"),
     ({"VIDSEARCH_SERVE__RERANK_BREAKER_MIN_TIMEOUT_S": "-0.1"}, "serve.rerank_breaker_min_timeout_s"),
     ({"VIDSEARCH_SERVE__RERANK_BREAKER_MIN_TIMEOUT_S": "9"}, "serve.rerank_breaker_min_timeout_s"),
+    ({"VIDSEARCH_SERVE__RERANK_BREAKER_TIMEOUT_MULTIPLIER": "0.5"}, "serve.rerank_breaker_timeout_multiplier"),
+    ({"VIDSEARCH_SERVE__RERANK_BREAKER_TIMEOUT_FLOOR_S": "0"}, "serve.rerank_breaker_timeout_floor_s"),
+    ({"VIDSEARCH_SERVE__RERANK_BREAKER_LATENCY_WINDOW": "0"}, "serve.rerank_breaker_latency_window"),
+    ({"VIDSEARCH_SERVE__RERANK_BREAKER_LATENCY_WINDOW": "10", "VIDSEARCH_SERVE__RERANK_BREAKER_LATENCY_MIN_SAMPLES": "11"},
+     "serve.rerank_breaker_latency_min_samples"),
 ])
 def test_bad_breaker_setting_is_one_line_naming_it(env, named):
     with pytest.raises(ConfigError) as info:

@@ -3,17 +3,22 @@ Ray Serve with the ingress and a real Reranker app over the tiny preset's index.
 
 While the reranker fails, searches still succeed, answered recall-only and marked
 (reranked=false, trailing metadata ``vidsearch-rerank-skipped``); once the breaker
-is open the reranker gets no call at all (counted by the Reranker deployment
-itself) until one probe goes, and when the reranker is back re-ranking resumes.
+is open no search calls the reranker (counted by the Reranker deployment itself):
+the ingress's background probe does, and when the reranker is back it closes the
+breaker without any search's help. Searches waiting on a reranker that stopped
+answering (its replica SIGSTOPped) are released together when the first one times out.
 The breaker's state is read where operators read it: the ingress's stats, the
 `vidsearch status` probe and Ray's Prometheus endpoint."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import urllib.request
+from pathlib import Path
 from typing import Any, Iterator
 
 import grpc
@@ -140,11 +145,12 @@ def test_a_failing_reranker_is_not_called_while_the_breaker_is_open(service, tmp
     answers = [search(service) for _ in range(3)]
     assert all(not r.reranked for r, _ in answers)
     state = breaker(service)
-    # The reranker got exactly the calls the breaker let through; the rest never reached it.
-    assert reranker_requests(service) == state["admitted_total"]
-    short = sum(why == "circuit_open" for _, why in answers)
-    assert short >= 1 and state["short_circuited_total"] == short
-    assert service.ingress_stats()["outcomes"].get("rerank_circuit_open") == short
+    # The reranker got exactly the calls the breaker let through (the first search, then only the
+    # background probes); the searches never reached it, not even after the back-off window.
+    assert reranker_requests(service) == state["admitted_total"] == 1 + state["probes_total"]
+    assert [why for _, why in answers] == ["circuit_open"] * 3
+    assert state["short_circuited_total"] == 3
+    assert service.ingress_stats()["outcomes"].get("rerank_circuit_open") == 3
 
     app = settings.serve.app_name
     # Exported every few seconds: wait for the first export after the breaker opened.
@@ -156,17 +162,17 @@ def test_a_failing_reranker_is_not_called_while_the_breaker_is_open(service, tmp
     assert wait_until(lambda: [v for _, v in prometheus_samples("ray_vidsearch_query_rerank_short_circuits_total",
                                                                 app) if v >= 1], 90, "the short-circuit counter")
 
-    # When the window has passed, one search probes; the reranker still fails, so the breaker
-    # opens again for twice as long.
-    # (Relative to the state before: on a loaded machine one of the searches above may already
-    # have been a probe.)
+    # When the window has passed the background probe goes, without any search; the reranker
+    # still fails, so the breaker opens again for twice as long.
     before = breaker(service)
-    wait_until(lambda: search(service)[1] == "error", RECOVERY_TIMEOUT_S, "the probe")
-    state = breaker(service)
+    state = wait_until(lambda: (lambda s: s if s["opened_total"] > before["opened_total"] else None)(breaker(service)),
+                       RECOVERY_TIMEOUT_S, "the background probe")
     assert state["state"] == "open" and state["opened_total"] == before["opened_total"] + 1
+    assert state["probes_total"] == before["probes_total"] + 1
     assert state["backoff_s"] == min(2 * before["backoff_s"], BACKOFF_MAX_S) > before["backoff_s"]
     assert state["consecutive_failures"] == before["consecutive_failures"] + 1
     assert reranker_requests(service) == state["admitted_total"] == before["admitted_total"] + 1
+    assert state["short_circuited_total"] == before["short_circuited_total"]  # no search was involved
 
     shown = status_cli(service)  # the command itself, from another process
     assert shown["rerank_breaker"]["state"] == "open"
@@ -174,9 +180,13 @@ def test_a_failing_reranker_is_not_called_while_the_breaker_is_open(service, tmp
     assert shown["health"]["rerank"]["ok"] is False and "breaker open" in shown["health"]["rerank"]["detail"]
 
     service.deploy_reranker(settings)  # a working reranker under the same name
-    wait_reranked(service)
-    state = breaker(service)
-    assert state["state"] == "closed" and state["consecutive_failures"] == 0 and state["backoff_s"] == BACKOFF_S
+    # The background probe (the last search's request again) finds it and closes the breaker:
+    # no search is sent until then.
+    state = wait_until(lambda: (lambda s: s if s["state"] == "closed" else None)(breaker(service)),
+                       RECOVERY_TIMEOUT_S, "the background probe to close the breaker")
+    assert state["consecutive_failures"] == 0 and state["backoff_s"] == BACKOFF_S
+    assert state["short_circuited_total"] == before["short_circuited_total"]
+    assert state["latency_samples"] == 1  # the probe's answer: the first normal the adaptive timeout knows
     status, line = status_line(service)
     assert line.ok and line.detail == "breaker closed, 0 consecutive failure(s)"
     assert all(search(service)[0].reranked for _ in range(2))
@@ -212,3 +222,87 @@ def test_a_deleted_reranker_costs_one_failed_call_then_recovers(service):
     state = breaker(service)
     assert state["state"] == "closed" and state["consecutive_failures"] == 0
     assert reranker_requests(service) >= 1  # the new replica is being called again
+
+
+def reranker_replica_pid(service: QueryService) -> int:
+    """The process of the Reranker's one Serve replica: Ray titles it
+    ``ray::ServeReplica:<app>:Reranker``, and this test's local Ray runs below this process."""
+    from vidsearch.services.reranker.deployment import DEPLOYMENT_NAME
+
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    below, grew = {os.getpid()}, True
+    while grew:
+        more = {pid for pid, parent in parents.items() if parent in below} - below
+        below |= more
+        grew = bool(more)
+    title = f"ray::ServeReplica:{service.settings.serve.reranker_app_name}:{DEPLOYMENT_NAME}"
+    found = []
+    for pid in below:
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace").startswith(title):
+                found.append(pid)
+    assert len(found) == 1, (title, found)
+    return found[0]
+
+
+# Long enough that all the searches below are waiting on the stopped reranker before the first
+# one gives up, however loaded the machine; the test waits for that and asserts no duration.
+STOPPED_FLOOR_S = 20.0
+IN_FLIGHT = 4
+
+
+def test_searches_waiting_on_a_stopped_reranker_are_released_together(service):
+    """A replica that stops answering without failing (SIGSTOP: alive to Ray, silent to its
+    callers, as a SIGKILLed one is until Serve's controller notices): the first search to time
+    out opens the breaker and the others waiting with it answer recall-only at once; then the
+    background probe closes the breaker once the replica answers again."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    settings = service.settings
+    floor = settings.model_copy(update={"serve": settings.serve.model_copy(update={
+        "rerank_breaker_timeout_floor_s": STOPPED_FLOOR_S, "rerank_breaker_latency_min_samples": 1})})
+    service.deploy_pair(floor, settings)
+    wait_reranked(service)
+    before = breaker(service)
+    assert before["state"] == "closed" and before["adaptive_timeout_s"] == STOPPED_FLOOR_S
+    pid = reranker_replica_pid(service)
+
+    def long_search(_: int) -> tuple[Any, str | None]:
+        client = service.client()
+        response, call = client.stub.Search.with_call(
+            search_pb2.SearchRequest(query=QUERY, top_k=NUM_VIDEOS),
+            metadata=client.metadata() + [("vidsearch-deadline-ms", "120000")], timeout=180)
+        return response, dict(call.trailing_metadata() or ()).get(RERANK_SKIPPED_METADATA)
+
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        with ThreadPoolExecutor(IN_FLIGHT) as pool:
+            pending = []
+            for i in range(IN_FLIGHT):
+                # One at a time, each waiting on the reranker before the next: searches sent
+                # together share a text-encoding batch, start their reranker calls together and
+                # time out together, which would show nothing about the release.
+                pending.append(pool.submit(long_search, i))
+                wait_until(lambda: breaker(service)["in_flight"] == i + 1, 120, f"search {i + 1} waiting on the reranker")
+            answers = [f.result() for f in pending]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+    reasons = [why for _, why in answers]
+    assert all(not r.reranked and len(r.results) == NUM_VIDEOS for r, _ in answers)
+    state = breaker(service)
+    assert state["opened_total"] >= before["opened_total"] + 1 and state["last_error"].startswith("TimeoutError")
+    # One search timed out; the others were released by it (reason circuit_open), not by their own timeout.
+    assert "timeout" in reasons and set(reasons) <= {"timeout", "circuit_open"}, reasons
+    released = state["released_total"] - before["released_total"]
+    assert released == reasons.count("circuit_open") >= 1, (reasons, state)
+    assert state["short_circuited_total"] == before["short_circuited_total"]  # all four were in flight
+
+    state = wait_until(lambda: (lambda s: s if s["state"] == "closed" else None)(breaker(service)),
+                       RECOVERY_TIMEOUT_S, "the background probe to close the breaker")
+    assert state["probes_total"] >= 1
+    assert search(service)[0].reranked

@@ -37,7 +37,7 @@ from vidsearch.v1 import search_pb2
 from .auth import is_authorized
 from .errors import RequestError, RpcFailure
 from .live import LiveIndex, LiveIndexTracker
-from .rerank_breaker import RerankBreaker
+from .rerank_breaker import BreakerOpened, RerankBreaker
 from .response import Candidates, build_results, pad_groups, stage_timings, video_response
 from .deadline import deadline_from_metadata
 from .validation import SearchParams, validate_search, validate_video_id
@@ -47,7 +47,8 @@ log = logging.getLogger(__name__)
 DEPLOYMENT_NAME = "SearchIngress"
 CACHED_VERSIONS = 2
 # Trailing metadata of a Search answered recall-only although re-ranking was asked for:
-# why (circuit_open, timeout, error, no_time_left, no_region_tokens, version_mismatch).
+# why (circuit_open, also for a call released when the breaker opened while it waited; timeout, error,
+# no_time_left, no_region_tokens, version_mismatch).
 RERANK_SKIPPED_METADATA = "vidsearch-rerank-skipped"
 
 
@@ -101,7 +102,9 @@ class SearchIngress:
             log_event(log, "no live index at startup", logging.WARNING, error=str(exc))
         self._live.start()
         self._reranker: Any = None
-        self._breaker = RerankBreaker(settings.serve)
+        # The reranker request of the latest search: what the breaker's background probe sends.
+        self._last_rerank_request: RerankRequest | None = None
+        self._breaker = RerankBreaker(settings.serve, probe=self._probe_reranker)
         self._text_batches: Counter[int] = Counter()
         self._rerank_batches: Counter[int] = Counter()
         self._outcomes: Counter[str] = Counter()
@@ -239,35 +242,51 @@ class SearchIngress:
             # per short-circuited search would drown them.
             self._outcomes["rerank_circuit_open"] += 1
             return None, "circuit_open"
-        budget_s = guard.budget(budget_s)
+        budget_s = guard.timeout(budget_s)
         response = None
         try:
-            response = self._reranker_handle().score.remote(
-                RerankRequest(text=text, frames=candidates.frames, mask=candidates.mask, model_version=version,
-                              text_tokens=encoded[0], text_vector=encoded[1], video=candidates.video,
-                              regions=candidates.regions))
-            result: RerankResult = await asyncio.wait_for(response, timeout=budget_s)
+            request = RerankRequest(text=text, frames=candidates.frames, mask=candidates.mask, model_version=version,
+                                    text_tokens=encoded[0], text_vector=encoded[1], video=candidates.video,
+                                    regions=candidates.regions)
+            self._last_rerank_request = request
+            response = self._reranker_handle().score.remote(request)
+            result: RerankResult = await guard.race(response, budget_s)
             guard.succeeded()  # it answered; a wrong version below is no outage
+        except BreakerOpened as exc:
+            # Another search found the reranker down while this one waited: answer now.
+            _cancel(response)
+            guard.failed(exc, budget_s)
+            self._outcomes["rerank_released"] += 1
+            return None, "circuit_open"
         except Exception as exc:  # noqa: BLE001 - any reranker problem degrades, never fails
-            if response is not None and isinstance(exc, asyncio.TimeoutError):
-                # Only a late call needs cancelling; Serve 2.60's cancel() re-raises the
-                # error of a call that already failed (e.g. DeploymentUnavailableError
-                # once the reranker app is deleted), which must not fail the search.
-                with contextlib.suppress(Exception):
-                    response.cancel()
+            if isinstance(exc, asyncio.TimeoutError):
+                _cancel(response)
             guard.failed(exc, budget_s)
             log_event(log, "rerank skipped", logging.WARNING, reason=type(exc).__name__,
-                      error=str(exc)[:200], budget_s=round(budget_s, 3), probe=guard.is_probe)
+                      error=str(exc)[:200], budget_s=round(budget_s, 3), adaptive_timeout=guard.adaptive)
             self._outcomes[f"rerank_{type(exc).__name__}"] += 1
             return None, "timeout" if isinstance(exc, asyncio.TimeoutError) else "error"
         finally:
-            guard.release()  # a cancelled search must not keep the probe slot
+            guard.release()  # a cancelled search must not keep its permit
         if result.model_version != version or result.scores.shape[0] != len(candidates.hits):
             log_event(log, "rerank result discarded", logging.WARNING, expected=version,
                       got=result.model_version)
             return None, "version_mismatch"
         self._rerank_batches[result.batch_size] += 1
         return result, None
+
+    async def _probe_reranker(self, timeout_s: float) -> None:
+        """The breaker's background probe: the latest search's reranker request again, so a
+        replica that just came back is also warmed up on the shapes searches send."""
+        request = self._last_rerank_request
+        if request is None:
+            raise RuntimeError("no reranker request to probe with yet")
+        response = self._reranker_handle().score.remote(request)
+        try:
+            await asyncio.wait_for(asyncio.ensure_future(response), timeout=timeout_s)
+        except asyncio.TimeoutError:
+            _cancel(response)
+            raise
 
     def _reranker_handle(self) -> Any:
         # Resolved lazily and by name: the reranker is a separate Serve application
@@ -336,6 +355,15 @@ def _as_failure(exc: Exception) -> RpcFailure:
     if isinstance(exc, StoreError):
         return RpcFailure(grpc.StatusCode.INTERNAL, f"vector store error: {exc}")
     return RpcFailure(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+
+
+def _cancel(response: Any) -> None:
+    """Cancel a reranker call given up on. Only a late call needs it; Serve 2.60's cancel()
+    re-raises the error of a call that already failed (e.g. DeploymentUnavailableError once
+    the reranker app is deleted), which must not fail the search."""
+    if response is not None:
+        with contextlib.suppress(Exception):
+            response.cancel()
 
 
 def _ms(start: float, end: float) -> float:
