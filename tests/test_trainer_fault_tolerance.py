@@ -140,42 +140,67 @@ def _stage_state(root: Path, stage: str, step: int) -> None:
     (where / "state.json").write_text(json.dumps({"step": step, "done": False, "weights": f"state-{step}.safetensors"}))
 
 
-def _fake_ray_checkpoint(monkeypatch, folder: Path | None) -> None:
+def _ray_train_run(storage: Path, name: str, run_dir: Path, ranks: tuple[int, ...],
+                   report: Path | None = None) -> list[int]:
+    """One real Ray Train run (one CPU worker) named ``name`` in ``storage``: its worker calls
+    recovery.restore_ray_checkpoint(run_dir, rank) for each of ``ranks`` with whatever
+    ray.train.get_checkpoint() gives it (the latest checkpoint an earlier run of the same name
+    reported, or None), then reports ``report`` as this run's checkpoint. The restore code runs
+    where it runs in training: inside a Ray Train worker. Returns the run directory's progress
+    after each rank's restore."""
     import ray.train
+    from ray.train import RunConfig as RayRunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
 
-    checkpoint = None if folder is None else ray.train.Checkpoint.from_directory(str(folder))
-    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: checkpoint)
+    trace = storage / f"{name}-progress.json"
+
+    def loop() -> None:
+        seen = []
+        for rank in ranks:
+            recovery.restore_ray_checkpoint(run_dir, rank=rank)
+            seen.append(recovery.progress(run_dir / recovery.CHECKPOINTS))
+        trace.write_text(json.dumps(seen))
+        checkpoint = None if report is None else ray.train.Checkpoint.from_directory(str(report))
+        ray.train.report({"step": 1}, checkpoint=checkpoint)
+
+    TorchTrainer(loop, scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+                 run_config=RayRunConfig(name=name, storage_path=str(storage))).fit()
+    return json.loads(trace.read_text())
 
 
-def test_a_further_along_ray_checkpoint_replaces_the_run_directory_checkpoints(tmp_path, monkeypatch):
-    ray_side, run_dir = tmp_path / "ray-ckpt", tmp_path / "run"
+def test_a_further_along_ray_checkpoint_replaces_the_run_directory_checkpoints(ray_local, tmp_path):
+    ray_side, run_dir, storage = tmp_path / "ray-ckpt", tmp_path / "run", tmp_path / "storage"
     _stage_state(ray_side, "backbone", 6)
     _stage_state(ray_side, "teacher", 4)
+    _ray_train_run(storage, "further", tmp_path / "unused", (), report=ray_side)  # a first run reports it
     _stage_state(run_dir / "checkpoints", "backbone", 4)  # e.g. a rank 0 that lost its disk and started over
     (run_dir / "checkpoints.restoring").mkdir()  # left by a start that died while restoring
-    _fake_ray_checkpoint(monkeypatch, ray_side)
-    recovery.restore_ray_checkpoint(run_dir, rank=1)  # only rank 0 touches the run directory
-    assert recovery.progress(run_dir / "checkpoints") == 4
-    recovery.restore_ray_checkpoint(run_dir, rank=0)
+    # The run again (same name and storage): Ray Train hands its worker the reported checkpoint.
+    # Rank 1 first (it only reads through rank 0: nothing may change), then rank 0.
+    assert _ray_train_run(storage, "further", run_dir, (1, 0)) == [4, 10]
     assert recovery.progress(run_dir / "checkpoints") == 10
     assert json.loads((run_dir / "checkpoints" / "teacher" / "state.json").read_text())["step"] == 4
     assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", recovery.RESTORES_FILE]
     assert recovery.progress(ray_side) == 10  # copied, not moved
-    assert [r["source"] for r in _restores(run_dir)] == ["ray"]
+    restores = _restores(run_dir)
+    assert [r["source"] for r in restores] == ["ray"]  # rank 1 recorded nothing
+    assert (restores[0]["ray_steps"], restores[0]["run_dir_steps"]) == (10, 4)
+    assert Path(restores[0]["checkpoint"]).is_relative_to(storage / "further")  # Ray Train's persisted copy
 
 
-def test_a_run_directory_checkpoint_newer_than_ray_train_s_is_kept(tmp_path, monkeypatch):
-    ray_side, run_dir = tmp_path / "ray-ckpt", tmp_path / "run"
+def test_a_run_directory_checkpoint_newer_than_ray_train_s_is_kept(ray_local, tmp_path):
+    ray_side, run_dir, storage = tmp_path / "ray-ckpt", tmp_path / "run", tmp_path / "storage"
     _stage_state(ray_side, "backbone", 4)
     _stage_state(run_dir / "checkpoints", "backbone", 6)  # written, then rank 0 died before reporting it
-    _fake_ray_checkpoint(monkeypatch, ray_side)
-    recovery.restore_ray_checkpoint(run_dir, rank=0)
+    # A first run finds no Ray Train checkpoint: the run directory's stays untouched.
+    _ray_train_run(storage, "newer", run_dir, (0,), report=ray_side)
     assert recovery.progress(run_dir / "checkpoints") == 6
-    assert _restores(run_dir) == [{"source": "run_dir", "checkpoint": str(ray_side), "ray_steps": 4,
-                                   "run_dir_steps": 6}]
-    _fake_ray_checkpoint(monkeypatch, None)  # no Ray Train checkpoint: the run directory's, untouched
-    recovery.restore_ray_checkpoint(run_dir, rank=0)
+    assert not (run_dir / recovery.RESTORES_FILE).exists()
+    _ray_train_run(storage, "newer", run_dir, (0,))  # now Ray Train has one, 4 steps in: behind ours
     assert recovery.progress(run_dir / "checkpoints") == 6
+    restores = _restores(run_dir)
+    assert [(r["source"], r["ray_steps"], r["run_dir_steps"]) for r in restores] == [("run_dir", 4, 6)]
+    assert Path(restores[0]["checkpoint"]).is_relative_to(storage / "newer")
 
 
 def test_a_recorded_training_error_fails_the_next_attempt_at_once(tmp_path):
