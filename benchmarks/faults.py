@@ -16,7 +16,10 @@ Kafka with a few bad messages for the DLQ, then injects, in this order:
   (target: 0 lost, 0 duplicated, lag back to 0);
 - **restart**: the stack stopped (SIGTERM) and then SIGKILLed with N messages published
   but not yet ingested, then started again (target: N of N ingested, 0 duplicates; DLQ
-  records and offsets survive).
+  records and offsets survive);
+- **training**: no stack; two tiny 2-worker Ray Train runs in a process of their own
+  (benchmarks/faults_training.py), one with a worker SIGKILLed mid-stage (target: the run
+  resumes by itself and ends with the weights of the uninterrupted run).
 
 Each fault counts sent, failed, degraded, lost, duplicated and seconds to recover, with
 search throughput and p99 before, during and after the fault as ratios (and ingestion
@@ -47,6 +50,11 @@ import faults_cases  # noqa: E402
 import faults_report  # noqa: E402
 import search_load  # noqa: E402
 from faults_cases import FAULTS, ORDER, Bench, IngestMonitor, Plan  # noqa: E402
+import faults_training  # noqa: E402
+
+# The training fault needs no stack: last, in a process (and a Ray) of its own.
+FAULTS = {**FAULTS, "training": faults_training.training}
+ORDER = (*ORDER, "training")
 from stack_run import wait_until  # noqa: E402
 
 # kafka-python logs every refused connection while a stack is down, which is the point here.

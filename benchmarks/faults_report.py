@@ -17,8 +17,10 @@ TARGETS = {
     "worker_loop": ("ingest worker SIGKILL loop during ingest", "0 lost, 0 duplicated, lag back to 0"),
     "alias_flip": ("alias flip (re-index to a new model version) during search",
                    "0 failed, 0 responses that mix versions"),
+    "training": ("a training worker SIGKILLed mid-stage (2 Ray Train workers, tiny config)",
+                 "the run resumes by itself and ends with the weights of an uninterrupted run of the same config"),
 }
-REPORT_ORDER = ("restart", "reranker", "store", "worker_loop", "alias_flip")
+REPORT_ORDER = ("restart", "reranker", "store", "worker_loop", "alias_flip", "training")
 
 
 def fmt(value: Any, digits: int = 2) -> str:
@@ -140,6 +142,19 @@ def details(name: str, r: dict[str, Any], out: dict[str, Any]) -> list[str]:
                      f"starts took {', '.join(f'{s:.0f}' for s in r['up_s'])} s); ingestion "
                      f"{fmt(r['ingest_rate_after_per_s'])} videos/s against {fmt(out['baseline']['rate_per_s'])} in "
                      f"the baseline ({fmt(r['ingest_rate_after_per_s'] / out['baseline']['rate_per_s'])}x)")
+    elif name == "training":
+        kill = r["kill"]
+        restored = ", ".join(f"from {x['source']}, {x['ray_steps']} steps in" for x in r["restores"]) or "-"
+        lines.append(f"- rank {kill['rank']} of {r['workers']} (pid {r['killed_pid']}) SIGKILLed itself before step "
+                     f"{kill['after_steps'] + 1} of the {kill['stage']} stage (`scaling.fault_injection`, "
+                     f"`max_failures: 1`); restarts that restored a Ray Train checkpoint: {len(r['restores'])} "
+                     f"({restored}); "
+                     f"the restart restored {fmt(r['recover_s'], 1)} s after the kill; run finished: "
+                     f"{'yes' if r['finished'] else 'no'}; steps per stage {r['steps']}")
+        lines.append(f"- final weights against the uninterrupted run: {r['tensors']} tensors, {r['n_differ']} differ "
+                     f"(`torch.equal`){'; e.g. ' + ', '.join(r['tensors_differ']) if r['n_differ'] else ''}; "
+                     f"per-step losses equal: {'yes' if r['losses_equal'] else 'no'}; wall time "
+                     f"{r['clean_s']:.0f} s uninterrupted, {r['killed_s']:.0f} s with the kill")
     for extra in (ingest_line(r), slowest(r)):
         if extra:
             lines.append(extra)
@@ -159,19 +174,19 @@ def why(name: str, r: dict[str, Any], missed: list[str]) -> list[str]:
             slow, early = r.get("slow_during", 0), r.get("slow_before_noticed", 0)
             slow_ms = ", ".join(str(ms) for ms in r.get("slow_ms", []))
             reasons = ", ".join(r.get("slow_reasons", [])) or "-"
+            slowest_rows = (r.get("timeline") or {}).get("slowest_during") or []
+            top = "; ".join(f"{x['ms']:.0f} ms at +{x['at_s']:.1f} s ("
+                            + ("re-ranked" if x["reranked"] else f"recall-only: {x['skipped']}") + ")"
+                            for x in slowest_rows[:3]) or "-"
             out.append(
                 f"- {check}: p99 was {fmt(b['p99_ms'], 1)} ms before and {fmt(d['p99_ms'], 1)} ms during "
-                f"({fmt(w['p99_during_before'])}x) over {d['ok']} answers. {slow} answers of the outage took 1 s "
-                f"or more ({slow_ms} ms; why not re-ranked: {reasons}). {early} of them were sent before Serve's "
-                f"controller noticed the dead replica ({fmt(r.get('controller_noticed_s'), 1)} s after the kill): "
-                "their reranker calls neither answered nor failed until their share of the deadline "
-                "(`serve.rerank_deadline_fraction` of the 10 s deadline) ran out, and only that timeout opened the "
-                f"breaker. The other {slow - early} came later, from the breaker's half-open probes while the new "
-                "replica was still starting, each waiting up to `serve.rerank_breaker_probe_timeout_s` (5 s). Every "
-                "other search of the outage was answered recall-only at once (`circuit_open`). With 1 answer in 100 "
-                "allowed to be slow, a handful of such waits in a short outage misses the target; meeting it would "
-                "take reranker calls that fail fast on a dead replica and probes that do not hold a user's search "
-                "(sent in the background, say).")
+                f"({fmt(w['p99_during_before'])}x) over {d['ok']} answers; with so few answers the p99 is about the "
+                f"slowest one or two. Slowest answers of the outage: {top}. {slow} took 1 s or more ({slow_ms or '-'} "
+                f"ms; why not re-ranked: {reasons}), {early} of them sent before Serve's controller noticed the dead "
+                f"replica ({fmt(r.get('controller_noticed_s'), 1)} s after the kill). The searches in flight at the "
+                "kill wait for their reranker call until the adaptive timeout (`serve.rerank_breaker_timeout_multiplier`"
+                " x the slowest of the recent answers, at least `serve.rerank_breaker_timeout_floor_s`), the first "
+                "such timeout opens the breaker and releases the others; the probes run in the background.")
         elif "back" in check:
             out.append(f"- {check}: re-ranked answers came back after {fmt(r.get('recover_s'), 1)} s "
                        f"(no answer re-ranked again: {r.get('recover_s') is None}).")
@@ -213,6 +228,11 @@ def write_markdown(path: Path, png_name: str, args: argparse.Namespace, out: dic
         "and missing from the live index afterwards (checked by `GetVideo` for each); duplicated: points beyond one "
         "per video (`vidsearch status` points against the distinct videos ingested) and, for the restart, messages "
         "processed more than once (the worker's upsert counter).",
+        "- Training (no stack, its own process and local Ray, after the stack's faults): two runs of one tiny config "
+        "(`tiny-afa`, 2 CPU Ray Train workers, 4 + 6 + 2 steps, a checkpoint every 2 steps), one uninterrupted and "
+        "one whose rank 1 SIGKILLs itself mid-stage (`scaling.fault_injection`, `max_failures: 1`); recover s: from "
+        "the kill to the restarted run's restore of the Ray Train checkpoint; failed: 1 if the run did not finish; "
+        "weights compared tensor by tensor with `torch.equal`.",
         "",
         "## Setup",
         *common.md_table(["setting", "value"], [

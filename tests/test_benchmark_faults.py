@@ -76,3 +76,25 @@ def test_faults_benchmark_smallest_run_injects_the_store_fault_and_writes_its_re
     md = (tmp_path / "faults.md").read_text()
     assert "store actor SIGKILL during ingest and search" in md and "not run (--only)" in md
     assert (tmp_path / "faults.png").stat().st_size > 0
+
+
+def test_the_training_fault_row_and_details():
+    """How faults.py reports the training fault (benchmarks/faults_training.py's result, as it
+    writes it); the runs themselves are tests/test_trainer_fault_tolerance.py's."""
+    import common
+    import faults_report
+
+    result = {"killed": True, "kill": {"stage": "teacher", "after_steps": 3, "rank": 1}, "workers": 2,
+              "killed_pid": 4242, "restores": [{"source": "ray", "checkpoint": "/x", "ray_steps": 6,
+                                                "run_dir_steps": 6}],
+              "resumed": True, "finished": True, "recover_s": 12.5, "tensors": 139, "tensors_differ": [],
+              "n_differ": 0, "weights_equal": True, "losses_equal": True, "clean_s": 36.0, "killed_s": 54.0,
+              "steps": {"backbone": 4, "teacher": 6, "distill": 2}, "sent": None, "failed": 0, "degraded": None,
+              "lost": None, "duplicated": None,
+              "checks": {"resumed by itself": True, "weights equal to an uninterrupted run": True}, "target": True}
+    rows = faults_report.table_rows({"faults": {"training": result}, "errors": {}})
+    row = next(r for r in rows if r[0].startswith("a training worker SIGKILLed mid-stage"))
+    assert row[3] == "0" and row[7] == "12.5" and row[-1] == common.verdict(True)
+    text = "\n".join(faults_report.details("training", result, {}))
+    assert "rank 1 of 2 (pid 4242)" in text and "from ray, 6 steps in" in text and "139 tensors, 0 differ" in text
+    assert "resumed by itself: yes" in text
