@@ -313,6 +313,19 @@ def test_adaptive_timeout_is_a_small_multiple_of_recent_latency(clock):
     for _ in range(4):  # the window slides: only the last 4 answers count, and the floor holds
         answered_after(0.001)
     assert breaker.snapshot()["adaptive_timeout_s"] == pytest.approx(0.05)
+    # A call for another model version (an alias flip) may take its whole share: the reranker
+    # may be loading that version. Its answer starts the window over.
+    flip = breaker.admit()
+    assert flip.timeout(5.0, "v2") == 5.0 and not flip.adaptive
+    clock.advance(2.5)
+    flip.succeeded()
+    flip.release()
+    assert breaker.snapshot()["latency_samples"] == 1 and breaker.snapshot()["adaptive_timeout_s"] is None
+    for _ in range(3):
+        answered_after(0.001)
+    probe_v2 = breaker.admit()
+    assert probe_v2.timeout(5.0, "v2") == 5.0  # 2 x 2.5 s: the slow first answer is still in the window
+    probe_v2.release()
     # A call cut short by the adaptive timeout is evidence against the reranker, however short:
     # the reranker answered many calls in well under that.
     guard.failed(TimeoutError(), budget_s=0.05)

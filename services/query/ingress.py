@@ -242,7 +242,7 @@ class SearchIngress:
             # per short-circuited search would drown them.
             self._outcomes["rerank_circuit_open"] += 1
             return None, "circuit_open"
-        budget_s = guard.timeout(budget_s)
+        budget_s = guard.timeout(budget_s, version)
         response = None
         try:
             request = RerankRequest(text=text, frames=candidates.frames, mask=candidates.mask, model_version=version,

@@ -72,14 +72,17 @@ class RerankGuard:
         # Whether the adaptive timeout (not the client's deadline) bounded this call: then a
         # timeout is evidence against the reranker however short it was.
         self.adaptive = False
+        self._version: str | None = None
 
     @property
     def is_probe(self) -> bool:
         return self._permit is not None and self._permit.is_probe
 
-    def timeout(self, budget_s: float) -> float:
-        """How long this call may wait: its share of the deadline, cut to the adaptive timeout."""
-        adaptive = self._owner.adaptive_timeout_s() if self._permit is not None else None
+    def timeout(self, budget_s: float, version: str | None = None) -> float:
+        """How long this call may wait: its share of the deadline, cut to the adaptive timeout
+        (which knows only the model version its recent answers were for)."""
+        self._version = version
+        adaptive = self._owner.adaptive_timeout_s(version) if self._permit is not None else None
         if adaptive is not None and adaptive < budget_s:
             self.adaptive = True
             return adaptive
@@ -111,7 +114,7 @@ class RerankGuard:
 
     def succeeded(self) -> None:
         if self._permit is not None:
-            self._owner.record_latency(self._owner.now() - self._started)
+            self._owner.record_latency(self._owner.now() - self._started, self._version)
             self._permit.succeeded()
             self._owner.sync_metrics()
 
@@ -157,6 +160,7 @@ class RerankBreaker:
         self._clock = clock
         self._probe = probe
         self._latencies: deque[float] = deque(maxlen=settings.rerank_breaker_latency_window)
+        self._latency_version: str | None = None  # the model version the window's answers were for
         # Set when the breaker opens, so that the calls in flight give up together; a new one
         # for each closed period. Made on first use, inside the event loop that waits on it.
         self._opened: asyncio.Event | None = None
@@ -186,12 +190,21 @@ class RerankBreaker:
         return RerankGuard(permit, self._settings, self)
 
     # ------------------------------------------------------------------ adaptive timeout
-    def record_latency(self, seconds: float) -> None:
+    def record_latency(self, seconds: float, version: str | None = None) -> None:
+        """One successful call's latency. A call for another model version than the window's
+        starts the window over: after an alias flip the reranker loads and warms the new
+        version, and its first answers are no outage (measured: with one window for all
+        versions, a flip under load opened the breaker and answered 36 searches recall-only)."""
+        if version is not None and version != self._latency_version:
+            self._latencies.clear()
+            self._latency_version = version
         self._latencies.append(max(seconds, 0.0))
 
-    def adaptive_timeout_s(self) -> float | None:
+    def adaptive_timeout_s(self, version: str | None = None) -> float | None:
         """k x the slowest recent successful call (at least the floor), or None while too
-        few calls have succeeded to say what normal is."""
+        few calls (for ``version``, when given) have succeeded to say what normal is."""
+        if version is not None and version != self._latency_version:
+            return None
         if len(self._latencies) < self._settings.rerank_breaker_latency_min_samples:
             return None
         return max(self._settings.rerank_breaker_timeout_floor_s,
