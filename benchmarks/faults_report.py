@@ -144,12 +144,15 @@ def details(name: str, r: dict[str, Any], out: dict[str, Any]) -> list[str]:
                      f"the baseline ({fmt(r['ingest_rate_after_per_s'] / out['baseline']['rate_per_s'])}x)")
     elif name == "training":
         kill = r["kill"]
-        restored = ", ".join(f"from {x['source']}, {x['ray_steps']} steps in" for x in r["restores"]) or "-"
+        restored = ", ".join(
+            (f"Ray Train's, {x['ray_steps']} steps in" if x["source"] == "ray" else
+             f"the run directory's own kept: {x['run_dir_steps']} steps in against Ray Train's {x['ray_steps']}")
+            for x in r["restores"]) or "-"
         lines.append(f"- rank {kill['rank']} of {r['workers']} (pid {r['killed_pid']}) SIGKILLed itself before step "
                      f"{kill['after_steps'] + 1} of the {kill['stage']} stage (`scaling.fault_injection`, "
-                     f"`max_failures: 1`); restarts that restored a Ray Train checkpoint: {len(r['restores'])} "
-                     f"({restored}); "
-                     f"the restart restored {fmt(r['recover_s'], 1)} s after the kill; run finished: "
+                     f"`max_failures: 1`); restarts by Ray Train that found a checkpoint: {len(r['restores'])} "
+                     f"(checkpoint used: {restored}); the restarted rank 0 restored it {fmt(r['recover_s'], 1)} s "
+                     f"after the kill; run finished: "
                      f"{'yes' if r['finished'] else 'no'}; steps per stage {r['steps']}")
         lines.append(f"- final weights against the uninterrupted run: {r['tensors']} tensors, {r['n_differ']} differ "
                      f"(`torch.equal`){'; e.g. ' + ', '.join(r['tensors_differ']) if r['n_differ'] else ''}; "

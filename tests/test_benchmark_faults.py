@@ -96,5 +96,5 @@ def test_the_training_fault_row_and_details():
     row = next(r for r in rows if r[0].startswith("a training worker SIGKILLed mid-stage"))
     assert row[3] == "0" and row[7] == "12.5" and row[-1] == common.verdict(True)
     text = "\n".join(faults_report.details("training", result, {}))
-    assert "rank 1 of 2 (pid 4242)" in text and "from ray, 6 steps in" in text and "139 tensors, 0 differ" in text
+    assert "rank 1 of 2 (pid 4242)" in text and "checkpoint used: Ray Train's, 6 steps in" in text and "139 tensors, 0 differ" in text
     assert "resumed by itself: yes" in text
