@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vidsearch.models import VideoTextModel
+from vidsearch.models import TextFeatures, VideoTextModel
 
 from vidsearch.services.trainer.batches import step_rng
 from vidsearch.services.trainer.stages import CaptionBank, FrozenFeatures, caption_negatives, text_batches
@@ -78,6 +78,21 @@ def candidate_lists(model: VideoTextModel, features: FrozenFeatures, bank: Capti
     return CandidateLists(owners=owners, texts=texts, candidates=lists)
 
 
+TextEncoder = Callable[[Sequence[str]], TextFeatures]
+
+
+def own_words_student_sentence(model: VideoTextModel) -> TextEncoder:
+    """Text features for a slow model whose own text tower was restarted: the word tokens from
+    that tower, the sentence vector (the student's cosine, one of the slow model's inputs) from
+    the student's, so the slow model keeps the student's view while its words are its own."""
+    def encode(texts: Sequence[str]) -> TextFeatures:
+        own = model.encode_scorer_text(texts)
+        with torch.no_grad():
+            student = model.encode_text_features(texts)
+        return TextFeatures(own.tokens, own.mask, student.sentence)
+    return encode
+
+
 def candidate_rows(lists: CandidateLists, batch: int, seed: int, stage: int, step: int) -> np.ndarray:
     """Step ``step``'s captions: one pass over every caption per epoch, in a seeded order."""
     per_epoch = max(1, len(lists) // batch)
@@ -88,12 +103,14 @@ def candidate_rows(lists: CandidateLists, batch: int, seed: int, stage: int, ste
 
 def candidate_teacher_loss(model: VideoTextModel, features: FrozenFeatures, bank: CaptionBank,
                            lists: CandidateLists, *, batch_size: int, caption_negatives_per_video: int,
-                           text_weight: float, seed: int, stage: int, train_text: bool = False
-                           ) -> Callable[[int], tuple[torch.Tensor, dict[str, float]]]:
+                           text_weight: float, seed: int, stage: int, train_text: bool = False,
+                           encode: TextEncoder | None = None) -> Callable[[int], tuple[torch.Tensor, dict[str, float]]]:
     """``loss_fn(step)``: cross-entropy of each caption's own video among its candidates
     (scaled by the scorer's temperature), plus ``text_weight`` times the cross-entropy of the
     caption against counterfactual captions of its own video. ``train_text``: the slow model's
-    own text tower learns too (else its token features are the student's, frozen)."""
+    own text tower learns too (else its token features are the student's, frozen). ``encode``: how
+    captions become the slow model's text features (default: its own text tower)."""
+    encode = encode or model.encode_scorer_text
     width = lists.candidates.shape[1]
 
     def loss_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -104,7 +121,7 @@ def candidate_teacher_loss(model: VideoTextModel, features: FrozenFeatures, bank
         cands = torch.as_tensor(lists.candidates[rows].reshape(-1))
         texts = [lists.texts[r] for r in rows]
         with torch.set_grad_enabled(train_text):
-            text = model.encode_scorer_text(texts)
+            text = encode(texts)
         repeat = torch.arange(len(rows), device=model.device).repeat_interleave(width)
         scores, _ = model.score_pairs(text.select(repeat), frames[cands].to(model.device), mask[cands].to(model.device),
                                       regions=None if regions is None else regions[cands].to(model.device))
@@ -118,7 +135,7 @@ def candidate_teacher_loss(model: VideoTextModel, features: FrozenFeatures, bank
                                       step_rng(seed, stage, step, _STREAM_NEGATIVES))
         if negatives is not None and text_weight > 0:
             with torch.set_grad_enabled(train_text):
-                changed = model.encode_scorer_text(negatives.texts)
+                changed = encode(negatives.texts)
             at = negatives.owners
             own_videos = torch.as_tensor(owners[at.numpy()])
             wrong, _ = model.score_pairs(changed, frames[own_videos].to(model.device),

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import yaml
 
 from common import DOCS_DIR, REPO_ROOT, command_line, isolate_environment, machine_facts, md_table, write_text
@@ -40,24 +41,30 @@ OBJECTS = ("red circle", "blue square", "green triangle", "yellow diamond")
 
 @torch.no_grad()
 def text_blindness(model) -> dict[str, float]:
-    """Mean cosine of the slow model's sentence features (and the student's) between captions that
-    differ only in a motion word, and between captions that differ only in colour."""
-    def mean_cos(encode, pairs) -> float:
-        a = encode([x for x, _ in pairs])
-        b = encode([y for _, y in pairs])
-        return float(torch.nn.functional.cosine_similarity(a, b, dim=-1).mean())
+    """How alike captions that differ only in a motion word (what direction twins ask), or only in
+    a colour (a control), reach the slow model: the cosine of their least alike word token in its
+    own text tower (1.0: the change is invisible to it), and the student's sentence cosine."""
+    def token_cos(pairs) -> float:
+        a = model.encode_scorer_text([x for x, _ in pairs])
+        b = model.encode_scorer_text([y for _, y in pairs])
+        length = min(a.tokens.shape[1], b.tokens.shape[1])
+        cos = F.cosine_similarity(a.tokens[:, :length].float(), b.tokens[:, :length].float(), dim=-1)
+        both = a.mask[:, :length] & b.mask[:, :length]
+        return float(cos.masked_fill(~both, 2.0).min(dim=1).values.mean())
+
+    def sentence_cos(pairs) -> float:
+        return float(F.cosine_similarity(model.encode_text([x for x, _ in pairs]),
+                                         model.encode_text([y for _, y in pairs]), dim=-1).mean())
 
     motion = [(f"a {o} {x}", f"a {o} {y}") for o in OBJECTS for x, y in MOTION_PAIRS]
     colour = [(f"a {o} {x}", f"a {OBJECTS[(i + 1) % len(OBJECTS)].split()[0]} {o.split()[1]} {x}")
               for i, o in enumerate(OBJECTS) for x, _ in MOTION_PAIRS]
-    scorer = lambda texts: model.encode_scorer_text(texts).sentence.float()  # noqa: E731
-    return {"text.scorer_motion_cos": mean_cos(scorer, motion), "text.scorer_colour_cos": mean_cos(scorer, colour),
-            "text.student_motion_cos": mean_cos(model.encode_text, motion),
-            "text.student_colour_cos": mean_cos(model.encode_text, colour)}
+    return {"text.scorer_motion_cos": token_cos(motion), "text.scorer_colour_cos": token_cos(colour),
+            "text.student_motion_cos": sentence_cos(motion), "text.student_colour_cos": sentence_cos(colour)}
 
 
 @torch.no_grad()
-def rerank_eval(model, val, beta: float) -> dict[str, float]:
+def rerank_eval(model, val, beta: float, encode=None) -> dict[str, float]:
     """The student's top K re-scored by the slow model, plus each caption's own video and twins."""
     from vidsearch.retrieval_metrics import retrieval_metrics
     from vidsearch.services.trainer.evaluate import rerank_similarity, student_matrix, twin_accuracy
@@ -74,7 +81,7 @@ def rerank_eval(model, val, beta: float) -> dict[str, float]:
         chunk = pairs[start:start + 2048]
         rows = sorted({q for q, _ in chunk})
         where = {q: i for i, q in enumerate(rows)}
-        text = model.encode_scorer_text([texts[q] for q in rows])
+        text = (encode or model.encode_scorer_text)([texts[q] for q in rows])
         pick = torch.as_tensor([where[q] for q, _ in chunk])
         videos = torch.as_tensor([v for _, v in chunk])
         scores, _ = model.score_pairs(text.select(pick), frames[videos], mask[videos],
@@ -94,11 +101,19 @@ def rerank_eval(model, val, beta: float) -> dict[str, float]:
 
 
 def train_arm(base, features, bank, lists, val, beta: float, *, steps: int, batch: int, lr: float,
-              train_text: bool, text_lr_scale: float, text_weight: float, eval_every: int, seed: int) -> dict:
-    from teacher_candidates import candidate_teacher_loss
+              train_text: bool, text_lr_scale: float, text_weight: float, eval_every: int, seed: int,
+              fresh_text: bool = False) -> dict:
+    from teacher_candidates import candidate_teacher_loss, own_words_student_sentence
     from vidsearch.services.trainer.runner import param_groups
 
     model = copy.deepcopy(base)
+    if fresh_text:
+        # The text tower as it was before any training (the shipped recipe trains from scratch):
+        # words not yet merged by the student's objective.
+        from vidsearch.models import build_model
+        untrained = build_model(base.config, device="cpu", seed=seed, load_weights=False)
+        model.scorer_text.copy_from(untrained.clip)
+    encode = own_words_student_sentence(model) if fresh_text else None
     for p in model.parameters():
         p.requires_grad_(False)
     params = list(model.scorer.parameters())
@@ -113,8 +128,9 @@ def train_arm(base, features, bank, lists, val, beta: float, *, steps: int, batc
     for group in optimizer.param_groups:
         group["lr"] = lr * group["lr_scale"]
     loss_fn = candidate_teacher_loss(model, features, bank, lists, batch_size=batch, caption_negatives_per_video=2,
-                                     text_weight=text_weight, seed=seed, stage=2, train_text=train_text)
-    curve = [{"step": 0, **rerank_eval(model, val, beta)}]
+                                     text_weight=text_weight, seed=seed, stage=2, train_text=train_text,
+                                     encode=encode)
+    curve = [{"step": 0, **rerank_eval(model, val, beta, encode)}]
     print(f"  step 0: {curve[-1]['teacher@20.R@1']:.1f} teacher, direction {curve[-1].get('teacher.twin_direction')}",
           flush=True)
     began, losses = time.perf_counter(), []
@@ -134,7 +150,7 @@ def train_arm(base, features, bank, lists, val, beta: float, *, steps: int, batc
             print(f"  step {step + 1}: loss {np.mean([x['loss'] for x in losses[-25:]]):.3f} "
                   f"{train_seconds / (step + 1):.2f} s/step", flush=True)
         if (step + 1) % eval_every == 0 or step + 1 == steps:
-            curve.append({"step": step + 1, **rerank_eval(model, val, beta)})
+            curve.append({"step": step + 1, **rerank_eval(model, val, beta, encode)})
             row = curve[-1]
             print(f"  step {step + 1}: teacher@20 R@1 {row['teacher@20.R@1']:.1f} rerank@20 {row['rerank@20.R@1']:.1f} "
                   f"student {row['student.R@1']:.1f} direction {row.get('teacher.twin_direction')}", flush=True)
@@ -154,9 +170,11 @@ def main() -> int:
     parser.add_argument("--candidates", type=int, default=16, help="videos per caption")
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--eval-every", type=int, default=100)
-    parser.add_argument("--arms", default="scorer,scorer+text:0.1,scorer+text:1",
-                        help="comma-separated: 'scorer' or 'scorer+text:LR_SCALE' (the text tower's share of lr)")
+    parser.add_argument("--arms", default="scorer,scorer+text:0.1,scorer+text:1,fresh+text:1",
+                        help="comma-separated: 'scorer', 'scorer+text:LR_SCALE' (the text tower's share of lr), "
+                             "'fresh+text:LR_SCALE' (its own text tower restarted from the untrained init)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=str(DOCS_DIR), help="where teacher-probe.{md,json} go")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -168,7 +186,8 @@ def main() -> int:
     from vidsearch.services.trainer.config import RunConfig
     from vidsearch.services.trainer.worker import _bank, _eval_set, _train_features
 
-    run_dir = Path(args.run_dir)
+    run_dir, out_dir = Path(args.run_dir), Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
     cfg = RunConfig.model_validate(yaml.safe_load((run_dir / "run.yaml").read_text()))
     data = json.loads((run_dir / "data.json").read_text())
     model, manifest = load_model_version(ModelRegistry(args.registry), args.model_name, args.version, device="cpu")
@@ -190,16 +209,16 @@ def main() -> int:
         arms[arm] = train_arm(model, features, bank, lists, val, beta, steps=args.steps, batch=args.batch,
                               lr=args.lr, train_text="+text" in arm,
                               text_lr_scale=float(arm.split(":")[1]) if ":" in arm else 0.1, text_weight=1.0,
-                              eval_every=args.eval_every, seed=cfg.seed)
+                              eval_every=args.eval_every, seed=cfg.seed, fresh_text=arm.startswith("fresh"))
     results = {"version": manifest.version, "run_dir": str(run_dir), "steps": args.steps, "batch": args.batch,
                "candidates": args.candidates, "lr": args.lr, "beta": beta, "setup_s": setup_s,
                "machine": machine_facts(), "arms": arms}
-    (DOCS_DIR / "teacher-probe.json").write_text(json.dumps(results, indent=1))
-    write_report(results)
+    (out_dir / "teacher-probe.json").write_text(json.dumps(results, indent=1))
+    write_report(results, out_dir)
     return 0
 
 
-def write_report(results: dict) -> None:
+def write_report(results: dict, out_dir: Path) -> None:
     metrics = ["student.R@1", "teacher@20.R@1", "rerank@20.R@1", "teacher.twin_direction",
                "teacher.twin_reversed", "teacher.twin_swap", "rerank@20.twin_direction", "rerank@20.twin_reversed",
                "text.scorer_motion_cos", "text.scorer_colour_cos"]
@@ -219,7 +238,7 @@ def write_report(results: dict) -> None:
              *md_table(["arm", "step", *metrics], rows), "",
              *[f"- {arm}: {out['s_per_step']:.2f} s per step on this CPU, {out['wall_s'] / 60:.1f} min with evaluation"
                for arm, out in results["arms"].items()], ""]
-    write_text(DOCS_DIR / "teacher-probe.md", lines)
+    write_text(out_dir / "teacher-probe.md", lines)
 
 
 if __name__ == "__main__":
