@@ -113,6 +113,13 @@ class ScorerConfig:
 
     ``own_text``: the scorer keeps its own frozen copy of the text tower, so distillation
     can train the student's text tower without moving the teacher's inputs.
+
+    Spatial only, both off by default (the published versions predate them):
+    ``motion_tokens`` adds one token per frame, the change of its region tokens since the
+    previous frame, so which way a shape moved is one linear read-out away instead of a
+    comparison the joint transformer has to discover; ``word_tokens`` adds each text
+    token's word embedding (before the text transformer, which merges "left" and "right")
+    to its input, and needs ``own_text`` (the tower the embeddings come from).
     """
 
     kind: str = "cross"
@@ -124,10 +131,18 @@ class ScorerConfig:
     grid: int = 0
     region_width: int | None = None
     own_text: bool = False
+    motion_tokens: bool = False
+    word_tokens: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.own_text, bool):
-            raise ValueError(f"scorer.own_text: must be true or false (got {self.own_text!r})")
+        for name in ("own_text", "motion_tokens", "word_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"scorer.{name}: must be true or false (got {getattr(self, name)!r})")
+        if (self.motion_tokens or self.word_tokens) and self.kind != "spatial":
+            raise ValueError(f"scorer.motion_tokens/word_tokens: only the spatial scorer has them (kind {self.kind!r})")
+        if self.word_tokens and not self.own_text:
+            raise ValueError("scorer.word_tokens: needs scorer.own_text (the word embeddings come from the "
+                             "scorer's own text tower)")
         _require_kind("scorer.kind", self.kind, SCORER_KINDS)
         _require_kind("scorer.base", self.base, SCORER_BASES)
         if self.kind == "spatial":

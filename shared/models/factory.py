@@ -32,7 +32,9 @@ def _build(config: ModelConfig, seed: int | None, load_weights: bool) -> VideoTe
     embed_dim = int(open_clip.get_model_config(loaded.open_clip_name)["embed_dim"])
     max_text = int(getattr(loaded.tokenizer, "context_length", 77))
     head = build_head(config.head, embed_dim)
-    scorer = build_scorer(config.scorer, embed_dim, max_text)
+    word_width = loaded.model.token_embedding.embedding_dim if hasattr(loaded.model, "token_embedding") \
+        else loaded.model.text.token_embedding.embedding_dim
+    scorer = build_scorer(config.scorer, embed_dim, max_text, word_width)
     return VideoTextModel(config, loaded.model, loaded.tokenizer, head, scorer, embed_dim,
                           _frame_encoder_id(config, loaded.weights_id, seed))
 

@@ -213,7 +213,8 @@ class XClipScorer(nn.Module):
             return score, relevance
 
 
-def build_scorer(config: ScorerConfig, embed_dim: int, max_text: int) -> nn.Module:
+def build_scorer(config: ScorerConfig, embed_dim: int, max_text: int, word_width: int | None = None) -> nn.Module:
+    """``word_width``: the text tower's token-embedding width (read by ``word_tokens``)."""
     if config.kind == "cross":
         width = config.width or embed_dim
         check_heads("scorer.heads", width, config.heads)
@@ -227,5 +228,6 @@ def build_scorer(config: ScorerConfig, embed_dim: int, max_text: int) -> nn.Modu
         width = config.width or embed_dim
         check_heads("scorer.heads", width, config.heads)
         return SpatialCrossScorer(embed_dim, config.region_width or embed_dim, config.grid * config.grid, width,
-                                  config.layers, config.heads, max_text, config.max_frames)
+                                  config.layers, config.heads, max_text, config.max_frames,
+                                  motion_tokens=config.motion_tokens, word_width=word_width if config.word_tokens else None)
     raise ValueError(f"scorer.kind: unknown kind {config.kind!r}")

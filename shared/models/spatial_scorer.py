@@ -26,6 +26,16 @@ learned, zero-initialised read-out of each frame token: untrained it is TeachCLI
 raw-cosine softmax (no sharpening temperature), and the moment loss teaches the
 read-out where an event is.
 
+Two optional inputs (``scorer.motion_tokens``, ``scorer.word_tokens``): a *motion token*
+per frame, its region tokens minus the previous frame's (layer-normed, so the change
+rather than the content is what it carries), and each text token's word embedding beside
+its contextual feature. Both exist because of a measurement (docs/benchmarks/fast-slow.md,
+run 4): the region tokens of an event's first and last frame give its direction to a
+linear probe at 99%, yet the joint transformer trained on them stayed at chance on
+direction twins, and the text reached it with "moves left" and "moves right" at cosine
+0.999. A motion token puts direction one linear read-out away; the word embeddings keep
+the words apart that the trained text transformer merged.
+
 Precision as in ``scorers.py``: the joint transformer follows the caller's autocast,
 the cosines and read-outs run in fp32.
 """
@@ -49,7 +59,8 @@ _INIT_LOGIT_SCALE = math.log(20.0)
 
 class SpatialCrossScorer(nn.Module):
     def __init__(self, embed_dim: int, region_width: int, cells: int, width: int, layers: int, heads: int,
-                 max_text: int, max_frames: int) -> None:
+                 max_text: int, max_frames: int, *, motion_tokens: bool = False,
+                 word_width: int | None = None) -> None:
         super().__init__()
         self.max_text, self.max_frames, self.cells = max_text, max_frames, cells
         self.region_width = region_width
@@ -64,6 +75,12 @@ class SpatialCrossScorer(nn.Module):
         self.cell_position = nn.Embedding(cells, width)
         for emb in (self.type_embedding, self.text_position, self.frame_position, self.cell_position):
             nn.init.normal_(emb.weight, std=0.02)
+        # Separate modules, not new rows of type_embedding: versions published without them
+        # load unchanged.
+        self.motion_norm = nn.LayerNorm(cells * region_width) if motion_tokens else None
+        self.motion_proj = nn.Linear(cells * region_width, width) if motion_tokens else None
+        self.motion_type = nn.Parameter(torch.randn(width) * 0.02) if motion_tokens else None
+        self.word_proj = nn.Linear(word_width, width) if word_width else None
         self.cls = nn.Parameter(torch.randn(width) * 0.02)
         self.encoder = joint_encoder(width, layers, heads)
         self.score_head, self.relevance_head = zero_read_out(width), zero_read_out(width)
@@ -82,6 +99,17 @@ class SpatialCrossScorer(nn.Module):
         if tuple(regions.shape) != want:
             raise ValueError(f"regions: expected shape {want}, got {tuple(regions.shape)}")
         return regions
+
+    @staticmethod
+    def _motion(regions: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """regions[B,T,G,W] (normalised, zero on padding) -> (change since the previous frame
+        [B,T,G*W], valid[B,T]): frame t's token is valid when t and t-1 both are; frame 0's never."""
+        flat = regions.flatten(2)
+        change = torch.zeros_like(flat)
+        change[:, 1:] = flat[:, 1:] - flat[:, :-1]
+        moved = torch.zeros_like(mask)
+        moved[:, 1:] = mask[:, 1:] & mask[:, :-1]
+        return change * moved[..., None], moved
 
     def forward(self, text: TextFeatures, frames: torch.Tensor, mask: torch.Tensor,
                 regions: torch.Tensor | None = None,
@@ -108,15 +136,26 @@ class SpatialCrossScorer(nn.Module):
         frame_pos = self.frame_position(positions(mask))  # [B,T,W]
         words = zero_padding(text.tokens.float(), text.mask)
         t = self.text_proj(words) + types[0] + self.text_position.weight[:length]
+        if self.word_proj is not None:
+            if text.words is None:
+                raise ValueError("the scorer reads word embeddings (scorer.word_tokens): encode the text with "
+                                 "the model's own scorer text tower, not from another service's rows")
+            t = t + self.word_proj(zero_padding(text.words.float(), text.mask))
         v = self.frame_proj(f) + types[1] + frame_pos
         g = (self.region_proj(r) + types[2] + frame_pos[:, :, None, :]
              + self.cell_position.weight[None, None]).flatten(1, 2)  # [B,T*G,W]
         cls = (self.cls + student_score[:, None] * self.student_feature).to(t.dtype)[:, None, :]
         u = (self.video_proj(student_video) + types[3])[:, None, :]
-        sequence = torch.cat([cls, t, u.to(t.dtype), v.to(t.dtype), g.to(t.dtype)], dim=1)
+        parts = [cls, t, u.to(t.dtype), v.to(t.dtype), g.to(t.dtype)]
         region_mask = mask[:, :, None].expand(-1, -1, cells).flatten(1, 2)
         ones = mask.new_ones(batch, 1)
-        valid = torch.cat([ones, text.mask, ones, mask, region_mask], dim=1)
+        masks = [ones, text.mask, ones, mask, region_mask]
+        if self.motion_proj is not None:
+            motion, moved = self._motion(r, mask)
+            parts.append((self.motion_proj(self.motion_norm(motion)) + self.motion_type + frame_pos).to(t.dtype))
+            masks.append(moved)
+        sequence = torch.cat(parts, dim=1)
+        valid = torch.cat(masks, dim=1)
         h = self.encoder(sequence, src_key_padding_mask=~valid)
 
         with _full_precision(frames):

@@ -21,17 +21,26 @@ from .masking import zero_padding
 
 @dataclass
 class TextFeatures:
-    """tokens[B,L,D] and sentence[B,D] are L2-normalised; mask[B,L] marks real tokens (SOT..EOT)."""
+    """tokens[B,L,D] and sentence[B,D] are L2-normalised; mask[B,L] marks real tokens (SOT..EOT).
+
+    ``words``[B,L,Wt], when present: the tower's word embeddings of the same tokens, before its
+    transformer (a scorer with ``word_tokens`` reads them: the trained transformer maps "moves
+    left" and "moves right" to near-identical tokens, the embedding table does not). Only a
+    model's own encoding carries them; ``rows``/``from_rows`` (the hand-off between services)
+    do not, so a scorer that reads them encodes its text itself (``scorer.own_text``).
+    """
 
     tokens: torch.Tensor
     mask: torch.Tensor
     sentence: torch.Tensor
+    words: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.sentence.shape[0]
 
     def select(self, index: torch.Tensor) -> "TextFeatures":
-        return TextFeatures(self.tokens[index], self.mask[index], self.sentence[index])
+        return TextFeatures(self.tokens[index], self.mask[index], self.sentence[index],
+                            None if self.words is None else self.words[index])
 
     def rows(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per text, (tokens[L_i,D], sentence[D]) as float32 arrays: its real tokens only,
@@ -104,14 +113,16 @@ def text_token_features(clip: nn.Module, ids: torch.Tensor) -> TextFeatures:
     length = int(pool.max()) + 1 if attn_mask is not None else ids.shape[1]
     ids = ids[:, :length]
     cast_dtype = tower.transformer.get_cast_dtype()
-    x = tower.token_embedding(ids).to(cast_dtype) + tower.positional_embedding[:length].to(cast_dtype)
+    words = tower.token_embedding(ids)
+    x = words.to(cast_dtype) + tower.positional_embedding[:length].to(cast_dtype)
     if attn_mask is not None:
         attn_mask = attn_mask[:length, :length]
     x = tower.ln_final(tower.transformer(x, attn_mask=attn_mask))
     tokens = F.normalize(_project(tower, x), dim=-1)
     mask = torch.arange(length, device=ids.device)[None, :] <= pool[:, None]
     sentence = tokens[torch.arange(ids.shape[0], device=ids.device), pool]
-    return TextFeatures(tokens=zero_padding(tokens, mask), mask=mask, sentence=sentence)
+    return TextFeatures(tokens=zero_padding(tokens, mask), mask=mask, sentence=sentence,
+                        words=zero_padding(words, mask))
 
 
 class ScorerTextTower(nn.Module):

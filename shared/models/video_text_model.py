@@ -169,7 +169,8 @@ class VideoTextModel(nn.Module):
         with autocast(self.device):
             feats = text_token_features(tower, ids)
         return TextFeatures(tokens=F.normalize(feats.tokens.float(), dim=-1) * feats.mask[..., None],
-                            mask=feats.mask, sentence=F.normalize(feats.sentence.float(), dim=-1))
+                            mask=feats.mask, sentence=F.normalize(feats.sentence.float(), dim=-1),
+                            words=None if feats.words is None else feats.words.float())
 
     def encode_text_features(self, texts: Sequence[str]) -> TextFeatures:
         """Token-level features of the student's text tower: tokens[B,L,D], mask[B,L], sentence[B,D]."""
