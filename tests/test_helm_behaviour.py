@@ -1,0 +1,288 @@
+"""What the chart's objects do to each other once they are in a cluster, checked on the
+render: every selector (Service, PodDisruptionBudget, NetworkPolicy, ServiceMonitor)
+selects a pod the release creates, with the labels KubeRay itself puts on Ray pods;
+every Secret, ConfigMap and claim a pod names exists (rendered, or named by the user);
+and a values change that should roll out changes the pod templates that must restart.
+
+KubeRay's labels (ray-operator/controllers/ray/common/pod.go, labelPod, and the serve
+Service of a RayService): ray.io/cluster=<RayCluster name>, ray.io/node-type=head|worker,
+ray.io/group=headgroup|<groupName>, ray.io/is-ray-node=yes, ray.io/identifier, and on a
+RayService's pods ray.io/serve=true once their Serve proxy is healthy (false on the head
+with excludeHeadPodFromServeSvc). A RayService's serve Service gets the selector
+{ray.io/cluster: <active cluster>, ray.io/serve: "true"} from KubeRay, whatever the
+chart writes.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import pytest
+
+from test_helm_chart import (FULLNAME, VALUE_SETS, chart, documents, embedded_rayjobs, find,  # noqa: F401
+                             ray_pod_templates, render, rendered)
+
+# KubeRay names a RayService's cluster <name>-<random suffix>, a RayJob's cluster after the
+# job; any fixed suffix stands in for the random one.
+CLUSTER_SUFFIX = "-k7x2p"
+
+
+@dataclass
+class Pod:
+    where: str
+    labels: dict[str, str]
+    spec: dict[str, Any]
+    annotations: dict[str, str] = field(default_factory=dict)
+    claim_templates: tuple[str, ...] = ()
+
+    def ports(self) -> set[str]:
+        return {p["name"] for c in self.spec["containers"] for p in c.get("ports", []) if "name" in p}
+
+
+def _kuberay_labels(cluster: str, node_type: str, group: str, serving: bool | None) -> dict[str, str]:
+    labels = {"ray.io/cluster": cluster, "ray.io/node-type": node_type, "ray.io/group": group,
+              "ray.io/is-ray-node": "yes", "ray.io/identifier": f"{cluster}-{node_type}"}
+    if serving is not None:
+        labels["ray.io/serve"] = "true" if serving else "false"
+    return labels
+
+
+def ray_cluster_name(doc: dict[str, Any]) -> str:
+    name = doc["metadata"].get("name") or doc["metadata"]["generateName"].rstrip("-")
+    return name + CLUSTER_SUFFIX if doc["kind"] in ("RayService", "RayJob") else name
+
+
+def pods(docs: list[dict[str, Any]]) -> list[Pod]:
+    """Every pod the release's objects create, labelled as they will be in the cluster."""
+    out = []
+    for doc in docs + embedded_rayjobs(docs):
+        kind, meta = doc["kind"], doc["metadata"]
+        name = meta.get("name") or meta.get("generateName")
+        template = None
+        if kind in ("Deployment", "StatefulSet", "Job"):
+            template = doc["spec"]["template"]
+        elif kind == "CronJob":
+            template = doc["spec"]["jobTemplate"]["spec"]["template"]
+        if template is not None:
+            claims = tuple(t["metadata"]["name"] for t in doc["spec"].get("volumeClaimTemplates", []))
+            out.append(Pod(f"{kind}/{name}", dict(template["metadata"].get("labels", {})), template["spec"],
+                           dict(template["metadata"].get("annotations", {})), claims))
+        if doc.get("apiVersion") != "ray.io/v1":
+            continue
+        cluster = ray_cluster_name(doc)
+        exclude_head = doc["kind"] == "RayService" and doc["spec"].get("excludeHeadPodFromServeSvc", False)
+        for group, template in ray_pod_templates(doc):
+            labels = dict(template["metadata"].get("labels", {}))
+            if group != "submitter":
+                serving = None if kind != "RayService" else not (group == "head" and exclude_head)
+                labels.update(_kuberay_labels(cluster, "head" if group == "head" else "worker",
+                                              "headgroup" if group == "head" else group, serving))
+            out.append(Pod(f"{kind}/{name}/{group}", labels, template["spec"],
+                           dict(template["metadata"].get("annotations", {}))))
+    return out
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A Kubernetes label selector (matchLabels and matchExpressions) against labels."""
+    if "matchLabels" not in selector and "matchExpressions" not in selector:
+        selector = {"matchLabels": selector}  # a Service's plain map
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for expr in selector.get("matchExpressions") or []:
+        key, op, values = expr["key"], expr["operator"], expr.get("values", [])
+        if op == "In" and labels.get(key) not in values:
+            return False
+        if op == "NotIn" and labels.get(key) in values:
+            return False
+        if op == "Exists" and key not in labels:
+            return False
+        if op == "DoesNotExist" and key in labels:
+            return False
+    return True
+
+
+def services(docs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """(name, selector, spec) of every Service, the RayService's with KubeRay's selector."""
+    out = [(d["metadata"]["name"], d["spec"].get("selector"), d["spec"]) for d in find(docs, "Service")]
+    for service in find(docs, "RayService"):
+        serve = service["spec"]["serveService"]
+        selector = {"ray.io/cluster": ray_cluster_name(service), "ray.io/serve": "true"}
+        out.append((serve["metadata"]["name"], selector, serve["spec"]))
+    return out
+
+
+def selector_problems(docs: list[dict[str, Any]]) -> list[str]:
+    """Every selector that selects no pod (or Service) of the release, in words."""
+    release_pods = pods(docs)
+    problems = []
+    for name, selector, spec in services(docs):
+        if selector is None:
+            problems.append(f"Service/{name} has no selector")
+            continue
+        chosen = [p for p in release_pods if selects(selector, p.labels)]
+        if not chosen:
+            problems.append(f"Service/{name} selects no pod: {selector}")
+        for port in spec.get("ports", []):
+            target = port.get("targetPort")
+            for pod in chosen:
+                if isinstance(target, str) and target not in pod.ports():
+                    problems.append(f"Service/{name} port {port['name']}: {pod.where} has no port {target}")
+    for doc in find(docs, "PodDisruptionBudget"):
+        if not any(selects(doc["spec"]["selector"], p.labels) for p in release_pods):
+            problems.append(f"PodDisruptionBudget/{doc['metadata']['name']} selects no pod")
+    for doc in find(docs, "NetworkPolicy"):
+        if not any(selects(doc["spec"]["podSelector"], p.labels) for p in release_pods):
+            problems.append(f"NetworkPolicy/{doc['metadata']['name']} selects no pod")
+    by_labels = [(name, d["metadata"].get("labels", {}), d["spec"]) for d in find(docs, "Service")
+                 for name in [d["metadata"]["name"]]]
+    for monitor in find(docs, "ServiceMonitor"):
+        chosen = [(n, spec) for n, labels, spec in by_labels if selects(monitor["spec"]["selector"], labels)]
+        if not chosen:
+            problems.append(f"ServiceMonitor/{monitor['metadata']['name']} selects no Service")
+        for endpoint in monitor["spec"]["endpoints"]:
+            for n, spec in chosen:
+                if endpoint["port"] not in {p["name"] for p in spec["ports"]}:
+                    problems.append(f"ServiceMonitor/{monitor['metadata']['name']}: Service/{n} has no port "
+                                    f"{endpoint['port']}")
+    return problems
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_every_selector_selects_a_pod_of_the_release(rendered, name):
+    assert selector_problems(rendered[name]) == []
+
+
+def test_the_selector_check_catches_a_misspelt_label(rendered):
+    """The bug of issue 26, item 11: a misspelt PDB label used to leave every test green."""
+    docs = copy.deepcopy(rendered["gpu-values"])
+    (budget,) = [d for d in find(docs, "PodDisruptionBudget") if d["metadata"]["name"] == f"{FULLNAME}-serve"]
+    budget["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] = "serving"
+    (policy,) = [d for d in find(docs, "NetworkPolicy") if d["metadata"]["name"] == f"{FULLNAME}-grpc-clients"]
+    policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/instance"] = "other"
+    (metrics,) = [d for d in find(docs, "Service") if d["metadata"]["name"] == f"{FULLNAME}-ray-metrics"]
+    metrics["spec"]["ports"][0]["targetPort"] = "metric"
+    problems = selector_problems(docs)
+    assert f"PodDisruptionBudget/{FULLNAME}-serve selects no pod" in problems
+    assert f"NetworkPolicy/{FULLNAME}-grpc-clients selects no pod" in problems
+    assert any(p.startswith(f"Service/{FULLNAME}-ray-metrics port metrics:") for p in problems), problems
+
+
+def test_kuberay_labels_reach_every_ray_pod_and_only_the_serving_workers_serve(rendered):
+    release_pods = pods(rendered["default"])
+    (service,) = find(rendered["default"], "RayService")
+    serve_selector = {"ray.io/cluster": ray_cluster_name(service), "ray.io/serve": "true"}
+    serving = {p.where for p in release_pods if selects(serve_selector, p.labels)}
+    assert serving == {f"RayService/{FULLNAME}/{group}" for group, _ in ray_pod_templates(service) if group != "head"}
+    ray_metrics = {"ray.io/is-ray-node": "yes", "app.kubernetes.io/instance": "vs"}
+    ray_pods = {p.where for p in release_pods if selects(ray_metrics, p.labels)}
+    assert {f"RayCluster/{FULLNAME}-ingest/head", f"RayService/{FULLNAME}/head"} <= ray_pods
+
+
+# --- every name a pod refers to exists -------------------------------------------------
+
+def _user_strings(values: Any) -> set[str]:
+    if isinstance(values, dict):
+        return set().union(*(_user_strings(v) for v in values.values())) if values else set()
+    if isinstance(values, list):
+        return set().union(*(_user_strings(v) for v in values)) if values else set()
+    return {values} if isinstance(values, str) else set()
+
+
+def reference_problems(docs: list[dict[str, Any]], values: dict[str, Any]) -> list[str]:
+    """Each Secret, ConfigMap or claim a pod names must be rendered (with the key it reads)
+    or be a name the user gave in the values (an existing object the user provides)."""
+    objects = {(d["kind"], d["metadata"]["name"]): d for d in docs if "name" in d.get("metadata", {})}
+    user = _user_strings(values)
+    problems = []
+
+    def check(where: str, kind: str, name: str, keys: list[str]) -> None:
+        doc = objects.get((kind, name))
+        if doc is None:
+            if name not in user:
+                problems.append(f"{where}: {kind}/{name} is neither rendered nor named in the values")
+            return
+        data = set(doc.get("data") or {}) | set(doc.get("stringData") or {})
+        problems.extend(f"{where}: {kind}/{name} has no key {key}" for key in keys if key not in data)
+
+    for pod in pods(docs):
+        volumes = {v["name"]: v for v in pod.spec.get("volumes", [])}
+        for volume in volumes.values():
+            if "configMap" in volume:
+                check(pod.where, "ConfigMap", volume["configMap"]["name"],
+                      [i["key"] for i in volume["configMap"].get("items", [])])
+            if "secret" in volume:
+                check(pod.where, "Secret", volume["secret"]["secretName"],
+                      [i["key"] for i in volume["secret"].get("items", [])])
+            if "persistentVolumeClaim" in volume:
+                check(pod.where, "PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"], [])
+        for container in pod.spec.get("initContainers", []) + pod.spec["containers"]:
+            what = f"{pod.where}/{container['name']}"
+            for mount in container.get("volumeMounts", []):
+                if mount["name"] not in volumes and mount["name"] not in pod.claim_templates:
+                    problems.append(f"{what} mounts {mount['name']}, which the pod does not have")
+            for env in container.get("env", []):
+                source = env.get("valueFrom", {})
+                if "secretKeyRef" in source:
+                    check(what, "Secret", source["secretKeyRef"]["name"], [source["secretKeyRef"]["key"]])
+                if "configMapKeyRef" in source:
+                    check(what, "ConfigMap", source["configMapKeyRef"]["name"], [source["configMapKeyRef"]["key"]])
+            for source in container.get("envFrom", []):
+                if "secretRef" in source:
+                    check(what, "Secret", source["secretRef"]["name"], [])
+                if "configMapRef" in source:
+                    check(what, "ConfigMap", source["configMapRef"]["name"], [])
+    return problems
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_every_secret_configmap_claim_and_volume_a_pod_names_exists(rendered, name):
+    assert reference_problems(rendered[name], VALUE_SETS[name]) == []
+
+
+def test_the_reference_check_catches_a_missing_key_and_volume(rendered):
+    docs = copy.deepcopy(rendered["default"])
+    (secret,) = find(docs, "Secret", f"{FULLNAME}-keys")
+    del secret["data"]["qdrant-api-key"]
+    (deployment,) = find(docs, "Deployment")
+    deployment["spec"]["template"]["spec"]["volumes"] = [
+        v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] != "settings"]
+    problems = reference_problems(docs, {})
+    assert any(p.endswith(f"Secret/{FULLNAME}-keys has no key qdrant-api-key") for p in problems), problems
+    assert any("mounts settings, which the pod does not have" in p for p in problems), problems
+
+
+# --- what a values change rolls out ------------------------------------------------------
+
+def template_hashes(docs: list[dict[str, Any]]) -> dict[str, str]:
+    """A digest of each pod template: a controller (Deployment, StatefulSet, KubeRay's
+    RayService and RayCluster with upgradeStrategy) replaces pods when it changes."""
+    digests = {}
+    for pod in pods(docs):
+        body = {"labels": pod.labels, "annotations": pod.annotations, "spec": pod.spec}
+        digests[pod.where] = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    return digests
+
+
+def changed_templates(chart, base: dict[str, Any], change: dict[str, Any]) -> set[str]:
+    from test_helm_chart import _deep_merge
+
+    before = template_hashes(documents(render(chart, base)))
+    after = template_hashes(documents(render(chart, _deep_merge(base, change))))
+    return {where for where in before if before[where] != after.get(where)}
+
+
+def vidsearch_templates(docs: list[dict[str, Any]]) -> set[str]:
+    return {p.where for p in pods(docs) if any(c["image"].startswith(("vidsearch", "registry.example.com/vidsearch"))
+                                                for c in p.spec["containers"])}
+
+
+def test_a_new_image_tag_rolls_every_vidsearch_pod(chart):
+    base = VALUE_SETS["embedded-values"]
+    changed = changed_templates(chart, base, {"image": {"tag": "0.2.0"}})
+    expected = vidsearch_templates(documents(render(chart, base)))
+    assert {f"Deployment/{FULLNAME}-ingest-worker", f"RayService/{FULLNAME}/head",
+            f"RayCluster/{FULLNAME}-ingest/head"} <= expected
+    assert changed == expected
