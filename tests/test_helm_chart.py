@@ -397,10 +397,7 @@ def test_every_pod_is_non_root_locked_down_and_bounded(rendered, name):
         pod_security = spec.get("securityContext", {})
         assert pod_security.get("runAsNonRoot") is True and pod_security.get("runAsUser", 1) != 0, where
         assert pod_security["seccompProfile"] == {"type": "RuntimeDefault"}, where
-        if spec.get("serviceAccountName", "").endswith("train-submitter"):
-            assert "automountServiceAccountToken" not in spec  # it creates RayJobs: its SA mounts the token
-        else:
-            assert spec.get("automountServiceAccountToken") is False, where
+        # Who may call the API is checked in test_only_the_pods_that_call_the_api_get_a_token.
         for container in spec.get("initContainers", []) + spec["containers"]:
             what = f"{where}/{container['name']}"
             security = container["securityContext"]
@@ -412,6 +409,53 @@ def test_every_pod_is_non_root_locked_down_and_bounded(rendered, name):
                 assert {"cpu", "memory"} <= set(container["resources"][bound]), (what, bound)
             if long_running and container in spec["containers"]:
                 assert "livenessProbe" in container and "readinessProbe" in container, what
+
+
+def autoscaling_heads(docs: list[dict[str, Any]]) -> set[str]:
+    """The head pods KubeRay adds its autoscaler container to."""
+    heads = set()
+    for doc in docs + embedded_rayjobs(docs):
+        if doc["apiVersion"] != "ray.io/v1":
+            continue
+        cluster = {"RayService": lambda s: s["rayClusterConfig"], "RayJob": lambda s: s["rayClusterSpec"],
+                   "RayCluster": lambda s: s}[doc["kind"]](doc["spec"])
+        if cluster.get("enableInTreeAutoscaling"):
+            heads.add(f"{doc['kind']}/{doc['metadata'].get('name') or doc['metadata'].get('generateName')}/head")
+    return heads
+
+
+AUTOSCALING = {"default": {}, "serve": {"serve": {"rayAutoscaling": True}},
+               "ingest": {"ingest": {"cluster": {"rayAutoscaling": True}}},
+               "both": {"serve": {"rayAutoscaling": True}, "ingest": {"cluster": {"rayAutoscaling": True}}}}
+
+
+@pytest.mark.parametrize("case", sorted(AUTOSCALING))
+def test_only_the_pods_that_call_the_api_get_a_token(chart, case):
+    """KubeRay's autoscaler runs in the head pod and reads the ServiceAccount token at
+    start (it exits without one, and the head never gets Ready): the heads of autoscaling
+    clusters mount it; the trainer's submitter gets it from its own ServiceAccount; no
+    other pod has one."""
+    values = _deep_merge(VALUE_SETS["embedded-values"], AUTOSCALING[case])
+    docs = documents(render(chart, values))
+    heads = autoscaling_heads(docs)
+    assert len(heads) == {"default": 0, "serve": 1, "ingest": 1, "both": 2}[case]
+    accounts = {d["metadata"]["name"]: d for d in find(docs, "ServiceAccount")}
+    for where, spec, _ in pod_specs(docs):
+        account = accounts.get(spec.get("serviceAccountName", "default"), {})
+        mounted = spec.get("automountServiceAccountToken", account.get("automountServiceAccountToken", True))
+        expected = where in heads or spec.get("serviceAccountName", "").endswith("train-submitter")
+        assert mounted is expected, where
+    for where in heads:  # KubeRay binds its autoscaler Role to the head's ServiceAccount
+        (spec,) = [s for w, s, _ in pod_specs(docs) if w == where]
+        assert spec["serviceAccountName"] in accounts, where
+
+
+def test_the_gpu_install_autoscaler_gets_its_token(rendered):
+    """Issue 26, item 1: the README's GPU values turn the autoscaler on for both clusters."""
+    docs = rendered["gpu-values"]
+    assert autoscaling_heads(docs) == {f"RayService/{FULLNAME}/head", f"RayCluster/{FULLNAME}-ingest/head"}
+    for where, spec, _ in pod_specs(docs):
+        assert spec.get("automountServiceAccountToken") is (where in autoscaling_heads(docs)), where
 
 
 def test_service_accounts_mount_no_token_unless_needed(rendered):

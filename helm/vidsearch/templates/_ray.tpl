@@ -4,7 +4,7 @@ bash, which the image has); the chart supplies the image, the vidsearch environm
 volumes, security, resources and probes.
 
 Called with (dict "root" $ "component" "serve" "role" "head"|"worker" "group" $group
-"gpus" n "serve" bool). */}}
+"gpus" n "serve" bool "autoscaling" bool). */}}
 {{- define "vidsearch.rayPodTemplate" -}}
 {{- $root := .root -}}
 metadata:
@@ -18,7 +18,10 @@ metadata:
   {{- end }}
 spec:
   serviceAccountName: {{ include "vidsearch.serviceAccountName" $root }}
-  automountServiceAccountToken: false
+  {{- /* KubeRay runs the Ray autoscaler as a container of the head pod and binds its Role
+  (pods, rayclusters) to the head's ServiceAccount; the autoscaler reads the mounted token
+  at start and exits without it. No other Ray pod calls the API. */}}
+  automountServiceAccountToken: {{ and (eq .role "head") (default false .autoscaling) }}
   {{- with $root.Values.imagePullSecrets }}
   imagePullSecrets:
     {{- toYaml . | nindent 4 }}
