@@ -286,3 +286,45 @@ def test_a_new_image_tag_rolls_every_vidsearch_pod(chart):
     assert {f"Deployment/{FULLNAME}-ingest-worker", f"RayService/{FULLNAME}/head",
             f"RayCluster/{FULLNAME}-ingest/head"} <= expected
     assert changed == expected
+
+
+def settings_readers(docs: list[dict[str, Any]]) -> set[str]:
+    """Pods whose vidsearch processes read the settings file at start."""
+    return {p.where for p in pods(docs)
+            if any(e.get("name") == "VIDSEARCH_CONFIG" for c in p.spec.get("initContainers", []) + p.spec["containers"]
+                   for e in c.get("env", []))}
+
+
+@pytest.mark.parametrize("change", [
+    {"settings": {"decode": {"max_duration_s": 900}}},
+    {"serve": {"reranker": {"numGpus": 0.25}}},  # the top-level README's own upgrade line
+    {"ingest": {"encoderActors": 3}},
+])
+def test_a_settings_change_rolls_every_pod_that_reads_settings(chart, change):
+    """Issue 26, item 3: Ray pods read the settings file at start too; without a checksum
+    in their templates, KubeRay saw no change and the running Serve kept the old ones."""
+    base = VALUE_SETS["embedded-values"]
+    docs = documents(render(chart, base))
+    readers = settings_readers(docs)
+    assert {f"RayService/{FULLNAME}/head", f"RayCluster/{FULLNAME}-ingest/head",
+            f"Deployment/{FULLNAME}-ingest-worker"} <= readers
+    assert changed_templates(chart, base, change) == readers
+
+
+def test_the_ingest_ray_cluster_replaces_its_pods_on_a_change(rendered):
+    """KubeRay recreates a RayCluster's pods on a template change only with
+    upgradeStrategy Recreate (a KubeRay 1.6 field); a RayService makes a new cluster."""
+    import re
+
+    import yaml
+
+    from test_helm_chart import CHART
+
+    for docs in rendered.values():
+        (cluster,) = find(docs, "RayCluster")
+        assert cluster["spec"]["upgradeStrategy"] == {"type": "Recreate"}
+    requires = yaml.safe_load((CHART / "Chart.yaml").read_text())["annotations"]["vidsearch.io/requires"]
+    floor = tuple(int(n) for n in re.search(r"kuberay-operator>=(\d+)\.(\d+)", requires).groups())
+    assert floor >= (1, 6)
+    readme = (CHART / "README.md").read_text()
+    assert re.findall(r"KubeRay operator\]\([^)]*\)\s+\((\d+\.\d+) or newer", readme) == [f"{floor[0]}.{floor[1]}"]

@@ -12,10 +12,13 @@ metadata:
     {{- include "vidsearch.labels" $root | nindent 4 }}
     app.kubernetes.io/component: {{ .component }}
     vidsearch.io/ray-node: {{ .role }}
-  {{- with $root.Values.podAnnotations }}
   annotations:
+    {{- /* The settings file is read at start: a changed one must replace the pods (a new
+    serving cluster for the RayService, Recreate for the ingest RayCluster). */}}
+    checksum/settings: {{ include (print $root.Template.BasePath "/settings.yaml") $root | sha256sum }}
+    {{- with $root.Values.podAnnotations }}
     {{- toYaml . | nindent 4 }}
-  {{- end }}
+    {{- end }}
 spec:
   serviceAccountName: {{ include "vidsearch.serviceAccountName" $root }}
   {{- /* KubeRay runs the Ray autoscaler as a container of the head pod and binds its Role
