@@ -328,3 +328,43 @@ def test_the_ingest_ray_cluster_replaces_its_pods_on_a_change(rendered):
     assert floor >= (1, 6)
     readme = (CHART / "README.md").read_text()
     assert re.findall(r"KubeRay operator\]\([^)]*\)\s+\((\d+\.\d+) or newer", readme) == [f"{floor[0]}.{floor[1]}"]
+
+
+# --- placement ---------------------------------------------------------------------------
+
+def requests_gpus(pod: Pod) -> bool:
+    return any("nvidia.com/gpu" in c.get("resources", {}).get("limits", {}) for c in pod.spec["containers"])
+
+
+def test_gpu_placement_only_on_the_pods_that_request_gpus(rendered):
+    """Issue 26, item 6: the GPU node selector and toleration used to reach the heads and
+    the CPU-only ingest workers, which then waited for (and took) GPU nodes."""
+    gpu_values = VALUE_SETS["gpu-values"]["placement"]
+    vidsearch = vidsearch_templates(rendered["gpu-values"])
+    release_pods = [p for p in pods(rendered["gpu-values"]) if p.where in vidsearch]
+    gpu_pods = {p.where for p in release_pods if requests_gpus(p)}
+    assert {f"RayService/{FULLNAME}/gpu", f"RayCluster/{FULLNAME}-ingest/gpu"} <= gpu_pods
+    for pod in release_pods:
+        if "submitter" in pod.where or pod.where.endswith("test-search"):
+            continue  # short-lived clients: no placement
+        expected = gpu_values["gpu"] if pod.where in gpu_pods else {"tolerations": [], **gpu_values["cpu"]}
+        assert pod.spec.get("nodeSelector") == expected["nodeSelector"], pod.where
+        assert pod.spec.get("tolerations", []) == expected["tolerations"], pod.where
+    ingest_worker = next(p for p in release_pods if p.where == f"Deployment/{FULLNAME}-ingest-worker")
+    assert ingest_worker.spec["nodeSelector"] == {"node-role/cpu": "true"}
+
+
+def test_an_explicit_empty_list_or_map_clears_the_inherited_placement(chart):
+    """sprig's `default` takes [] for unset: a group's tolerations: [] used to inherit."""
+    taint = {"key": "dedicated", "operator": "Exists", "effect": "NoSchedule"}
+    values = {"placement": {"cpu": {"tolerations": [taint], "nodeSelector": {"pool": "cpu"}}},
+              "serve": {"head": {"tolerations": [], "nodeSelector": {}}}}
+    (service,) = find(documents(render(chart, values)), "RayService")
+    templates = dict(ray_pod_templates(service))
+    assert "tolerations" not in templates["head"]["spec"] and "nodeSelector" not in templates["head"]["spec"]
+    assert templates["cpu"]["spec"]["tolerations"] == [taint]  # unset (null): inherited
+    assert templates["cpu"]["spec"]["nodeSelector"] == {"pool": "cpu"}
+    own = {"serve": {"workers": {"tolerations": [taint]}}}
+    (service,) = find(documents(render(chart, own)), "RayService")
+    assert dict(ray_pod_templates(service))["cpu"]["spec"]["tolerations"] == [taint]
+    assert "tolerations" not in dict(ray_pod_templates(service))["head"]["spec"]

@@ -250,22 +250,24 @@ seccompProfile:
 {{- end }}
 {{- end -}}
 
-{{/* Node placement: a group's own, else the chart-wide one. Called with (dict "root" $ "group" $group). */}}
+{{/* Node placement: the group's own field where it sets one (an explicit [] or {} clears
+it), else placement.gpu's for a pod that requests GPUs and placement.cpu's for any other
+(the Ray heads, CPU workers, the ingest workers), so CPU pods never wait for GPU nodes.
+Unset group fields are null: sprig's `default` would take an explicit empty list for
+unset. Called with (dict "root" $ "group" $group "gpus" n). */}}
 {{- define "vidsearch.placement" -}}
-{{- $root := .root -}}
-{{- $g := .group -}}
-{{- with (default $root.Values.placement.nodeSelector $g.nodeSelector) }}
-nodeSelector:
+{{- $group := .group -}}
+{{- $inherited := index .root.Values.placement (ternary "gpu" "cpu" (gt (int (default 0 .gpus)) 0)) -}}
+{{- range $field := list "nodeSelector" "tolerations" "affinity" -}}
+{{- $value := index $inherited $field -}}
+{{- if not (kindIs "invalid" (index $group $field)) -}}
+{{- $value = index $group $field -}}
+{{- end -}}
+{{- with $value }}
+{{ $field }}:
   {{- toYaml . | nindent 2 }}
 {{- end }}
-{{- with (default $root.Values.placement.tolerations $g.tolerations) }}
-tolerations:
-  {{- toYaml . | nindent 2 }}
-{{- end }}
-{{- with (default $root.Values.placement.affinity $g.affinity) }}
-affinity:
-  {{- toYaml . | nindent 2 }}
-{{- end }}
+{{- end -}}
 {{- end -}}
 
 {{/* Resources with the GPU count added to requests and limits. Called with (dict "resources" r "gpus" n). */}}

@@ -31,7 +31,7 @@ spec:
   {{- end }}
   securityContext:
     {{- include "vidsearch.podSecurityContext" $root | nindent 4 }}
-  {{- include "vidsearch.placement" (dict "root" $root "group" .group) | nindent 2 }}
+  {{- include "vidsearch.placement" (dict "root" $root "group" .group "gpus" .gpus) | nindent 2 }}
   containers:
     - name: ray-{{ .role }}
       image: {{ include "vidsearch.image" $root }}
