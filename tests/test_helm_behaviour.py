@@ -368,3 +368,96 @@ def test_an_explicit_empty_list_or_map_clears_the_inherited_placement(chart):
     (service,) = find(documents(render(chart, own)), "RayService")
     assert dict(ray_pod_templates(service))["cpu"]["spec"]["tolerations"] == [taint]
     assert "tolerations" not in dict(ray_pod_templates(service))["head"]["spec"]
+
+
+# --- Serve's replicas fit the serving workers ----------------------------------------------
+
+def ray_cpus(resources: dict[str, Any]) -> int:
+    """KubeRay's `ray start --num-cpus`: the CPU limit (else the request), rounded up."""
+    import math
+
+    quantity = str((resources.get("limits") or {}).get("cpu") or (resources.get("requests") or {}).get("cpu") or 0)
+    return math.ceil(float(quantity[:-1]) / 1000) if quantity.endswith("m") else math.ceil(float(quantity))
+
+
+@pytest.fixture(scope="module")
+def builder_actor_options() -> dict[str, dict[str, Any]]:
+    """What each application builder asks per replica, from the builders themselves."""
+    from vidsearch.config import Settings
+    from vidsearch.services.query.app import query_app
+    from vidsearch.services.reranker.app import reranker_app
+    from vidsearch.services.web.app import web_app
+
+    apps = [build(Settings()) for build in (query_app, reranker_app, web_app)]
+    return {app._bound_deployment.name: app._bound_deployment.ray_actor_options for app in apps}
+
+
+def serve_demand(docs: list[dict[str, Any]], builders: dict[str, dict[str, Any]]) -> tuple[float, float]:
+    import yaml
+
+    (service,) = find(docs, "RayService")
+    config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    (workers,) = service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    gpu_workers = "nvidia.com/gpu" in workers["template"]["spec"]["containers"][0]["resources"]["limits"]
+    settings = yaml.safe_load(find(docs, "ConfigMap", f"{FULLNAME}-settings")[0]["data"]["settings.yaml"])
+    cpus = gpus = 0.0
+    for app in config["applications"]:
+        for deployment in app["deployments"]:
+            replicas = deployment.get("autoscaling_config", {}).get("max_replicas", deployment.get("num_replicas", 1))
+            options = deployment.get("ray_actor_options") or builders[deployment["name"]]
+            cpus += replicas * options.get("num_cpus", 1)
+            if deployment["name"] == "Reranker" and gpu_workers:  # the builder adds its GPU share
+                gpus += replicas * settings["serve"]["reranker_num_gpus"]
+    return cpus, gpus
+
+
+def serve_capacity(docs: list[dict[str, Any]]) -> tuple[int, int]:
+    (service,) = find(docs, "RayService")
+    cluster = service["spec"]["rayClusterConfig"]
+    (workers,) = cluster["workerGroupSpecs"]
+    pods = workers["maxReplicas"] if cluster["enableInTreeAutoscaling"] else workers["replicas"]
+    resources = workers["template"]["spec"]["containers"][0]["resources"]
+    return pods * ray_cpus(resources), pods * int(resources["limits"].get("nvidia.com/gpu", 0))
+
+
+def test_the_chart_knows_what_each_builder_asks(builder_actor_options):
+    assert builder_actor_options == {"SearchIngress": {"num_cpus": 1}, "Reranker": {"num_cpus": 1},
+                                     "SearchWeb": {"num_cpus": 0.5}}
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_serve_replicas_at_their_max_fit_the_serving_workers(rendered, name, builder_actor_options):
+    """Issue 26, item 7: one 4-CPU worker gave Ray 4 CPUs while the ingress could scale
+    to 8 and the reranker to 4 replicas of 1 CPU: the rest stayed pending, silently."""
+    cpus, gpus = serve_demand(rendered[name], builder_actor_options)
+    capacity_cpus, capacity_gpus = serve_capacity(rendered[name])
+    assert cpus <= capacity_cpus and gpus <= capacity_gpus, (cpus, capacity_cpus, gpus, capacity_gpus)
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"serve": {"workers": {"replicas": 1, "minReplicas": 1}}},
+     "serve: at max_replicas Serve needs 8 CPUs (Reranker 4 x 1 CPU, SearchIngress 4 x 1 CPU) but serve.workers gives "
+     "Ray 5 (1 pods x 5 CPUs, from the CPU limit): raise serve.workers.replicas"),
+    ({"serve": {"workers": {"resources": {"requests": {"cpu": "500m", "memory": "8Gi"},
+                                          "limits": {"cpu": "1500m", "memory": "8Gi"}}}}},
+     "gives Ray 4 (2 pods x 2 CPUs"),
+    ({"serve": {"rayAutoscaling": True, "workers": {"maxReplicas": 2}, "query": {"autoscaling": {"max_replicas": 16}}}},
+     "needs 20 CPUs (Reranker 4 x 1 CPU, SearchIngress 16 x 1 CPU) but serve.workers gives Ray 10 (2 pods x 5 CPUs, "
+     "from the CPU limit): raise serve.workers.maxReplicas"),
+    ({"serve": {"workers": {"gpus": 1}, "reranker": {"numGpus": 1}}},
+     "serve: at max_replicas the Reranker needs 4 GPUs (serve.reranker.numGpus 1 each) but serve.workers gives Ray 2 "
+     "(2 pods x 1 GPUs)"),
+])
+def test_serve_replicas_that_cannot_fit_fail_the_render_with_the_numbers(chart, values, message):
+    import helm_python
+
+    with pytest.raises(helm_python.HelmError) as excinfo:
+        render(chart, values)
+    text = str(excinfo.value)
+    assert message in text and "\n" not in text.split("execution error", 1)[-1].strip(), text
+
+
+def test_serve_replicas_that_just_fit_render(chart, builder_actor_options):
+    values = {"serve": {"rayAutoscaling": True, "workers": {"maxReplicas": 4}, "query": {"autoscaling": {"max_replicas": 16}}}}
+    docs = documents(render(chart, values))
+    assert serve_demand(docs, builder_actor_options)[0] == 20 <= serve_capacity(docs)[0]

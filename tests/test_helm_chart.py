@@ -175,12 +175,19 @@ WEB_ON = {"serve": {"web": {"enabled": True}}}
 
 def file_serve_config(*, web: bool) -> dict[str, Any]:
     """deploy/serve_config.yaml as the chart renders it: without the search page (the
-    default), or whole with the HTTP proxy on every interface, so the Service reaches it."""
+    default), or whole with the HTTP proxy on every interface, so the Service reaches it;
+    with the autoscaling fields values.yaml's defaults name (sized to the default workers)."""
     config = yaml.safe_load(SERVE_CONFIG.read_text())
     if web:
         config["http_options"]["host"] = "0.0.0.0"
     else:
         config["applications"] = [app for app in config["applications"] if app["name"] != WEB_APP]
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())["serve"]
+    overrides = {"SearchIngress": defaults["query"]["autoscaling"], "Reranker": defaults["reranker"]["autoscaling"],
+                 "SearchWeb": defaults["web"]["autoscaling"]}
+    for app in config["applications"]:
+        for deployment in app["deployments"]:
+            deployment["autoscaling_config"].update(overrides[deployment["name"]])
     return config
 
 
@@ -193,6 +200,7 @@ def test_serve_config_is_deploy_serve_config_yaml_without_the_page(rendered):
     assert WEB_APP == ServeSettings().web_app_name
     assert WEB_APP in {app["name"] for app in yaml.safe_load(SERVE_CONFIG.read_text())["applications"]}
     expected = file_serve_config(web=False)
+    assert expected != yaml.safe_load(SERVE_CONFIG.read_text())  # the page, and the default max_replicas
     assert [app["name"] for app in expected["applications"]] == ["vidsearch-reranker", "vidsearch"]
     assert expected["http_options"] == {"host": "127.0.0.1", "port": 8000}
     assert serve_config(rendered["default"]) == expected

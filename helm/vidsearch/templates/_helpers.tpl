@@ -112,6 +112,62 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 {{- end -}}
 
+{{/* Ray's CPUs on a pod: KubeRay passes the container's CPU limit (else its request) to
+`ray start --num-cpus`, rounded up to a whole number. Called with a resources map. */}}
+{{- define "vidsearch.rayCpus" -}}
+{{- $quantity := toString (coalesce (dig "limits" "cpu" "" .) (dig "requests" "cpu" "" .) "0") -}}
+{{- if hasSuffix "m" $quantity -}}
+{{- ceil (divf (float64 (trimSuffix "m" $quantity)) 1000) -}}
+{{- else -}}
+{{- ceil (float64 $quantity) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Serve's replicas at their max_replicas must fit the serving worker group at its most
+pods (maxReplicas with serve.rayAutoscaling, else replicas): replicas beyond that stay
+pending with no warning. The head schedules none (num-cpus 0). Called with (dict "root" $
+"serve" <the rendered Serve config>). */}}
+{{- define "vidsearch.validateServeCapacity" -}}
+{{- $root := .root -}}
+{{- $workers := $root.Values.serve.workers -}}
+{{- /* What each application builder asks per replica when the config sets no
+ray_actor_options (services/query/app.py, services/reranker/app.py, services/web/app.py);
+tests/test_helm_behaviour.py checks these against the builders. */ -}}
+{{- $builderCpus := dict "SearchIngress" 1.0 "Reranker" 1.0 "SearchWeb" 0.5 -}}
+{{- $cpus := 0.0 -}}
+{{- $gpus := 0.0 -}}
+{{- $parts := list -}}
+{{- range $app := .serve.applications -}}
+{{- range $deployment := $app.deployments -}}
+{{- $replicas := float64 (default 1 $deployment.num_replicas) -}}
+{{- if $deployment.autoscaling_config -}}
+{{- $replicas = float64 (default 1 $deployment.autoscaling_config.max_replicas) -}}
+{{- end -}}
+{{- $options := default dict $deployment.ray_actor_options -}}
+{{- $cpu := float64 (get $builderCpus $deployment.name | default 1) -}}
+{{- if hasKey $options "num_cpus" -}}
+{{- $cpu = float64 $options.num_cpus -}}
+{{- end -}}
+{{- $gpu := float64 (default 0 $options.num_gpus) -}}
+{{- /* The reranker's builder adds serve.reranker_num_gpus when the cluster has GPUs. */ -}}
+{{- if and (eq $deployment.name "Reranker") (not (hasKey $options "num_gpus")) (gt (int $workers.gpus) 0) -}}
+{{- $gpu = float64 $root.Values.serve.reranker.numGpus -}}
+{{- end -}}
+{{- $cpus = addf $cpus (mulf $replicas $cpu) -}}
+{{- $gpus = addf $gpus (mulf $replicas $gpu) -}}
+{{- $parts = append $parts (printf "%s %v x %v CPU" $deployment.name $replicas $cpu) -}}
+{{- end -}}
+{{- end -}}
+{{- $pods := ternary $workers.maxReplicas $workers.replicas $root.Values.serve.rayAutoscaling | int -}}
+{{- $podCpus := include "vidsearch.rayCpus" $workers.resources | float64 -}}
+{{- if gt $cpus (mulf $pods $podCpus) -}}
+{{- fail (printf "serve: at max_replicas Serve needs %v CPUs (%s) but serve.workers gives Ray %v (%d pods x %v CPUs, from the CPU limit): raise serve.workers.%s or resources.limits.cpu, or lower max_replicas in serve.*.autoscaling" $cpus (join ", " $parts) (mulf $pods $podCpus) $pods $podCpus (ternary "maxReplicas" "replicas" $root.Values.serve.rayAutoscaling)) -}}
+{{- end -}}
+{{- if gt $gpus (mulf $pods (int $workers.gpus)) -}}
+{{- fail (printf "serve: at max_replicas the Reranker needs %v GPUs (serve.reranker.numGpus %v each) but serve.workers gives Ray %d (%d pods x %d GPUs): raise serve.workers.%s or gpus, or lower serve.reranker.autoscaling.max_replicas or numGpus" $gpus $root.Values.serve.reranker.numGpus (mul $pods (int $workers.gpus)) $pods (int $workers.gpus) (ternary "maxReplicas" "replicas" $root.Values.serve.rayAutoscaling)) -}}
+{{- end -}}
+{{- end -}}
+
 {{/* Pod-level security: non-root, RuntimeDefault seccomp, volumes owned by the group. */}}
 {{- define "vidsearch.podSecurityContext" -}}
 runAsNonRoot: true
