@@ -24,7 +24,11 @@ from kuberay_support import as_core_object, check_kuberay
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "vidsearch"
 CI_VALUES = sorted((CHART / "ci").glob("*.yaml"))
-VALUE_SETS = {"default": {}, **{path.stem: yaml.safe_load(path.read_text()) for path in CI_VALUES}}
+# What a user must provide: the chart fails without an image, a ReadWriteMany storage class
+# for the registry claim and a video source (test_what_a_user_must_provide_fails_early).
+REQUIRED = {"image": {"repository": "registry.example.com/vidsearch"},
+            "registry": {"pvc": {"storageClass": "nfs-client"}}, "videos": {"existingClaim": "vidsearch-videos"}}
+VALUE_SETS = {"default": REQUIRED, **{path.stem: yaml.safe_load(path.read_text()) for path in CI_VALUES}}
 KUBE_VERSION = "1.30"
 RELEASE, NAMESPACE = "vs", "search"
 FULLNAME = "vs-vidsearch"
@@ -40,8 +44,10 @@ def chart():
     loaded.close()
 
 
-def render(chart, values: dict[str, Any]) -> dict[str, str]:
-    return chart.render(copy.deepcopy(values), name=RELEASE, namespace=NAMESPACE, is_install=True)
+def render(chart, values: dict[str, Any], *, base: dict[str, Any] = REQUIRED) -> dict[str, str]:
+    """The chart rendered with ``values`` over ``base`` (by default what a user must provide)."""
+    return chart.render(_deep_merge(copy.deepcopy(base), copy.deepcopy(values)), name=RELEASE, namespace=NAMESPACE,
+                        is_install=True)
 
 
 def documents(rendered: dict[str, str]) -> list[dict[str, Any]]:
@@ -55,7 +61,8 @@ def documents(rendered: dict[str, str]) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def rendered(chart) -> dict[str, list[dict[str, Any]]]:
-    return {name: documents(render(chart, values)) for name, values in VALUE_SETS.items()}
+    # Each value set alone, as chart-testing lints the ci/*.yaml files.
+    return {name: documents(render(chart, values, base={})) for name, values in VALUE_SETS.items()}
 
 
 def find(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> list[dict[str, Any]]:
@@ -376,7 +383,8 @@ def test_no_secret_value_in_plain_text(rendered, name):
                 if SECRET_ENV.search(env["name"]) and env["name"] != "QDRANT__TELEMETRY_DISABLED":
                     assert "value" not in env and "secretKeyRef" in env["valueFrom"], (where, env)
     for doc in find(docs, "ConfigMap"):
-        text = json.dumps(doc["data"])
+        # The helm test's script is code (it reads the key from the environment), not config.
+        text = json.dumps({key: value for key, value in doc["data"].items() if not key.endswith(".py")})
         assert not re.search(r"api_key|sasl_password|password", text), doc["metadata"]["name"]
 
 
@@ -590,7 +598,7 @@ def test_commands_the_chart_runs_exist_in_the_cli(rendered):
     from vidsearch.cli import COMMANDS, build_parser
 
     lines = vidsearch_commands(rendered["embedded-values"])
-    assert {line[1] for line in lines} == {"ingest-worker", "models", "search", "train"}
+    assert {line[1] for line in lines} == {"ingest-worker", "models", "train"}
     for argv in lines:
         parser, sub = build_parser()
         module = importlib.import_module(COMMANDS[argv[1]][0])
@@ -598,14 +606,51 @@ def test_commands_the_chart_runs_exist_in_the_cli(rendered):
         parser.parse_args(argv[1:])  # SystemExit on an unknown command or option
 
 
-def test_helm_test_hook_searches_the_release_service(rendered):
-    (job,) = [d for d in find(rendered["default"], "Job") if d["metadata"]["annotations"].get("helm.sh/hook") == "test"]
-    container = job["spec"]["template"]["spec"]["containers"][0]
+def test_helm_test_hook_checks_the_release_service(rendered):
+    """The hook runs files/helm-test.py (tests/test_helm_test_script.py runs it against a
+    real Serve) with the release's settings, endpoints and key."""
+    docs = rendered["default"]
+    (job,) = [d for d in find(docs, "Job") if d["metadata"]["annotations"].get("helm.sh/hook") == "test"]
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
     command = container["command"]
-    assert command[:2] == ["vidsearch", "search"]
+    assert command[:2] == ["python", "/etc/vidsearch-test/helm-test.py"]
     assert command[command.index("--address") + 1] == f"{FULLNAME}-grpc:50051"
-    assert pod_env(container)["VIDSEARCH_API_KEY"] == "secret-from-kubernetes"
+    env = pod_env(container)
+    assert env["VIDSEARCH_API_KEY"] == "secret-from-kubernetes" and env["VIDSEARCH_CONFIG"] == "/etc/vidsearch/settings.yaml"
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/etc/vidsearch-test"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    (script,) = find(docs, "ConfigMap", volume["configMap"]["name"])
+    assert script["data"]["helm-test.py"] == (CHART / "files" / "helm-test.py").read_text()
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("helm_test_script", CHART / "files" / "helm-test.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = module.build_parser().parse_args(command[2:])  # SystemExit on an option it lacks
+    assert (args.query, args.timeout) == (VALUE_SETS["default"].get("helmTest", {}).get("query", "a red circle moves left"), 60)
     assert job["spec"]["backoffLimit"] == 0
+
+
+@pytest.mark.parametrize("missing, message", [
+    ({"image": {"repository": ""}}, "image.repository is required: no public vidsearch image exists"),
+    ({"registry": {"pvc": {"storageClass": ""}}}, "registry.pvc.storageClass is required for the ReadWriteMany registry"),
+    ({"videos": {"existingClaim": ""}}, "no video source: set videos.existingClaim"),
+])
+def test_what_a_user_must_provide_fails_early_with_one_line(chart, missing, message):
+    """Issue 26, item 2: a default install rendered, then sat: a public image that does not
+    exist, a ReadWriteMany claim the default classes cannot provision, nothing to ingest."""
+    with pytest.raises(helm_python.HelmError) as excinfo:
+        render(chart, missing)
+    text = str(excinfo.value)
+    assert message in text and "\n" not in text.strip(), text
+    with pytest.raises(helm_python.HelmError):
+        render(chart, {}, base={})  # the chart's defaults alone: the first one missing
+    for enough in ({"registry": {"pvc": {"storageClass": "", "existingClaim": "models"}}},
+                   {"registry": {"pvc": {"storageClass": "", "accessModes": ["ReadWriteOnce"]}}},
+                   {"registry": {"pvc": {"storageClass": ""}, "url": "s3://b/m", "credentialsSecret": "s3"}},
+                   {"videos": {"existingClaim": "", "allowedSchemes": ["s3"], "allowedPrefixes": ["s3://media/"]}}):
+        assert find(documents(render(chart, enough)), "RayService"), enough
 
 
 def test_trainer_shares_the_registry_and_schedules_the_rayjob(rendered):

@@ -86,8 +86,18 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- printf "ray://%s-ingest-head-svc:10001" (include "vidsearch.fullname" .) -}}
 {{- end -}}
 
-{{/* Checks no schema can express (they compare two values). */}}
+{{/* Checks no schema can express: what a user must provide (each would otherwise leave
+pods pending or idle without a message), and values compared with each other. */}}
 {{- define "vidsearch.validate" -}}
+{{- if not .Values.image.repository -}}
+{{- fail "image.repository is required: no public vidsearch image exists; build deploy/Dockerfile, push it to a registry the cluster pulls from and set image.repository (and image.tag)" -}}
+{{- end -}}
+{{- if and (not .Values.registry.url) (not .Values.registry.pvc.existingClaim) (has "ReadWriteMany" .Values.registry.pvc.accessModes) (not .Values.registry.pvc.storageClass) -}}
+{{- fail "registry.pvc.storageClass is required for the ReadWriteMany registry claim (the default classes of most clouds can't provision ReadWriteMany, and the claim would stay Pending): name an NFS, EFS, Filestore or Azure Files class, or set registry.url (s3://, gs://) or registry.pvc.existingClaim" -}}
+{{- end -}}
+{{- if and (not .Values.videos.existingClaim) (not (without .Values.videos.allowedSchemes "file")) -}}
+{{- fail "no video source: set videos.existingClaim (a claim holding the videos, mounted read-only at videos.mountPath for file uris) or allow http, https or s3 in videos.allowedSchemes (with videos.allowedPrefixes)" -}}
+{{- end -}}
 {{- if gt (int .Values.ingest.replicas) (int .Values.kafka.partitions) -}}
 {{- fail (printf "ingest.replicas (%d) must not exceed kafka.partitions (%d): a consumer group gives each partition to one worker, so the extra workers would sit idle" (int .Values.ingest.replicas) (int .Values.kafka.partitions)) -}}
 {{- end -}}
