@@ -74,6 +74,7 @@ def main() -> int:
     parser.add_argument("--model-name", default="vidsearch")
     parser.add_argument("--version", default="production")
     parser.add_argument("--grid", type=int, default=2)
+    parser.add_argument("--out", default=str(DOCS_DIR / "region-probe.json"), help="where the JSON goes")
     args = parser.parse_args()
     torch.set_num_threads(2)
 
@@ -105,8 +106,8 @@ def main() -> int:
     print("\n".join(md_table(["attribute", "val events", "frame vectors (%)", "region tokens (%)", "majority (%)"],
                              [[a, r["val_events"], f"{r['frames']:.1f}", f"{r['regions']:.1f}", f"{r['majority']:.1f}"]
                               for a, r in results.items()])))
-    DOCS_DIR.mkdir(parents=True, exist_ok=True)
-    (DOCS_DIR / "region-probe.json").write_text(json.dumps({"version": args.version, "grid": args.grid,
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"version": args.version, "grid": args.grid,
                                                              "results": results}, indent=2))
     return 0
 

@@ -89,7 +89,7 @@ def own_words_student_sentence(model: VideoTextModel) -> TextEncoder:
         own = model.encode_scorer_text(texts)
         with torch.no_grad():
             student = model.encode_text_features(texts)
-        return TextFeatures(own.tokens, own.mask, student.sentence)
+        return TextFeatures(own.tokens, own.mask, student.sentence, own.words)
     return encode
 
 

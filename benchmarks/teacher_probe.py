@@ -100,13 +100,60 @@ def rerank_eval(model, val, beta: float, encode=None) -> dict[str, float]:
     return out
 
 
+def with_scorer_inputs(base, *, motion: bool, words: bool, seed: int):
+    """A copy of ``base`` whose slow scorer also reads motion tokens and/or word embeddings
+    (``scorer.motion_tokens`` / ``scorer.word_tokens``): every trained weight carried over, the
+    new input projections freshly initialised."""
+    import dataclasses
+
+    from vidsearch.models import build_model
+
+    scorer = dataclasses.replace(base.config.scorer, motion_tokens=motion, word_tokens=words)
+    model = build_model(dataclasses.replace(base.config, scorer=scorer), device="cpu", seed=seed, load_weights=False)
+    missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
+    new = [k for k in missing if not k.startswith(("scorer.motion_", "scorer.word_"))]
+    if new or unexpected:
+        raise RuntimeError(f"weights that did not carry over: missing {new}, unexpected {unexpected}")
+    return model.eval()
+
+
+def direction_pair_lists(lists, hard_negatives, video_ids):
+    """The diagnostic arm's rows: only captions whose video has a direction twin (the same event
+    played backwards), each against that twin alone. Nothing else to tell apart, so what the
+    slow model learns here is direction or nothing."""
+    from teacher_candidates import CandidateLists
+
+    where = {vid: i for i, vid in enumerate(video_ids)}
+    twin = {v: where[n["video_id"]] for v, negs in enumerate(hard_negatives) for n in negs
+            if n.get("relation") == "direction" and n.get("video_id") in where}
+    keep = [q for q, owner in enumerate(lists.owners) if int(owner) in twin]
+    return CandidateLists(owners=lists.owners[keep], texts=[lists.texts[q] for q in keep],
+                          candidates=np.array([[int(lists.owners[q]), twin[int(lists.owners[q])]] for q in keep]))
+
+
+@torch.no_grad()
+def pair_accuracy(model, features, pairs, rows: int = 512, encode=None) -> float:
+    """% of the first ``rows`` training pairs whose own video the slow model scores above its twin
+    (clean view): whether the training rows themselves are being learned."""
+    texts = pairs.texts[:rows]
+    text = (encode or model.encode_scorer_text)(texts)
+    frames, mask, _, regions = features.view(None)
+    wins = []
+    for column in (0, 1):
+        videos = torch.as_tensor(pairs.candidates[:rows, column])
+        scores, _ = model.score_pairs(text, frames[videos], mask[videos], regions=regions[videos])
+        wins.append(scores)
+    return 100.0 * float((wins[0] > wins[1]).float().mean())
+
+
 def train_arm(base, features, bank, lists, val, beta: float, *, steps: int, batch: int, lr: float,
               train_text: bool, text_lr_scale: float, text_weight: float, eval_every: int, seed: int,
-              fresh_text: bool = False) -> dict:
+              fresh_text: bool = False, motion: bool = False, words: bool = False, pairs=None) -> dict:
     from teacher_candidates import candidate_teacher_loss, own_words_student_sentence
     from vidsearch.services.trainer.runner import param_groups
 
-    model = copy.deepcopy(base)
+    model = (with_scorer_inputs(base, motion=motion, words=words, seed=seed) if motion or words
+             else copy.deepcopy(base))
     if fresh_text:
         # The text tower as it was before any training (the shipped recipe trains from scratch):
         # words not yet merged by the student's objective.
@@ -127,10 +174,17 @@ def train_arm(base, features, bank, lists, val, beta: float, *, steps: int, batc
     optimizer = torch.optim.AdamW(param_groups(params, 0.2, scales), lr=lr, betas=(0.9, 0.98), eps=1e-6)
     for group in optimizer.param_groups:
         group["lr"] = lr * group["lr_scale"]
-    loss_fn = candidate_teacher_loss(model, features, bank, lists, batch_size=batch, caption_negatives_per_video=2,
-                                     text_weight=text_weight, seed=seed, stage=2, train_text=train_text,
-                                     encode=encode)
-    curve = [{"step": 0, **rerank_eval(model, val, beta, encode)}]
+    loss_fn = candidate_teacher_loss(model, features, bank, pairs or lists, batch_size=batch,
+                                     caption_negatives_per_video=2, text_weight=0.0 if pairs else text_weight,
+                                     seed=seed, stage=2, train_text=train_text, encode=encode)
+
+    def evaluate() -> dict:
+        out = rerank_eval(model, val, beta, encode)
+        if pairs is not None:
+            out["train_pairs.direction"] = pair_accuracy(model, features, pairs, encode=encode)
+        return out
+
+    curve = [{"step": 0, **evaluate()}]
     print(f"  step 0: {curve[-1]['teacher@20.R@1']:.1f} teacher, direction {curve[-1].get('teacher.twin_direction')}",
           flush=True)
     began, losses = time.perf_counter(), []
@@ -150,10 +204,11 @@ def train_arm(base, features, bank, lists, val, beta: float, *, steps: int, batc
             print(f"  step {step + 1}: loss {np.mean([x['loss'] for x in losses[-25:]]):.3f} "
                   f"{train_seconds / (step + 1):.2f} s/step", flush=True)
         if (step + 1) % eval_every == 0 or step + 1 == steps:
-            curve.append({"step": step + 1, **rerank_eval(model, val, beta, encode)})
+            curve.append({"step": step + 1, **evaluate()})
             row = curve[-1]
             print(f"  step {step + 1}: teacher@20 R@1 {row['teacher@20.R@1']:.1f} rerank@20 {row['rerank@20.R@1']:.1f} "
-                  f"student {row['student.R@1']:.1f} direction {row.get('teacher.twin_direction')}", flush=True)
+                  f"student {row['student.R@1']:.1f} direction {row.get('teacher.twin_direction')} "
+                  f"train pairs {row.get('train_pairs.direction')}", flush=True)
     return {"curve": curve, "losses": losses, "s_per_step": train_seconds / max(1, steps),
             "wall_s": time.perf_counter() - began}
 
@@ -172,7 +227,11 @@ def main() -> int:
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--arms", default="scorer,scorer+text:0.1,scorer+text:1,fresh+text:1",
                         help="comma-separated: 'scorer', 'scorer+text:LR_SCALE' (the text tower's share of lr), "
-                             "'fresh+text:LR_SCALE' (its own text tower restarted from the untrained init)")
+                             "'fresh+text:LR_SCALE' (its own text tower restarted from the untrained init); "
+                             "'motion' and/or 'words' in an arm's name add the scorer's motion tokens / word "
+                             "embeddings (e.g. 'motion+words'); 'pairs' trains on direction twins alone "
+                             "(a diagnostic: each caption against its video played backwards)")
+    parser.add_argument("--name", default="teacher-probe", help="report file name (NAME.md, NAME.json)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(DOCS_DIR), help="where teacher-probe.{md,json} go")
     args = parser.parse_args()
@@ -209,17 +268,20 @@ def main() -> int:
         arms[arm] = train_arm(model, features, bank, lists, val, beta, steps=args.steps, batch=args.batch,
                               lr=args.lr, train_text="+text" in arm,
                               text_lr_scale=float(arm.split(":")[1]) if ":" in arm else 0.1, text_weight=1.0,
-                              eval_every=args.eval_every, seed=cfg.seed, fresh_text=arm.startswith("fresh"))
+                              eval_every=args.eval_every, seed=cfg.seed, fresh_text=arm.startswith("fresh"),
+                              motion="motion" in arm, words="words" in arm,
+                              pairs=direction_pair_lists(lists, data["train"]["hard_negatives"],
+                                                         data["train"]["video_ids"]) if "pairs" in arm else None)
     results = {"version": manifest.version, "run_dir": str(run_dir), "steps": args.steps, "batch": args.batch,
                "candidates": args.candidates, "lr": args.lr, "beta": beta, "setup_s": setup_s,
                "machine": machine_facts(), "arms": arms}
-    (out_dir / "teacher-probe.json").write_text(json.dumps(results, indent=1))
-    write_report(results, out_dir)
+    (out_dir / f"{args.name}.json").write_text(json.dumps(results, indent=1))
+    write_report(results, out_dir, args.name)
     return 0
 
 
-def write_report(results: dict, out_dir: Path) -> None:
-    metrics = ["student.R@1", "teacher@20.R@1", "rerank@20.R@1", "teacher.twin_direction",
+def write_report(results: dict, out_dir: Path, name: str = "teacher-probe") -> None:
+    metrics = ["student.R@1", "teacher@20.R@1", "rerank@20.R@1", "teacher.twin_direction", "train_pairs.direction",
                "teacher.twin_reversed", "teacher.twin_swap", "rerank@20.twin_direction", "rerank@20.twin_reversed",
                "text.scorer_motion_cos", "text.scorer_colour_cos"]
     rows = []
@@ -238,7 +300,7 @@ def write_report(results: dict, out_dir: Path) -> None:
              *md_table(["arm", "step", *metrics], rows), "",
              *[f"- {arm}: {out['s_per_step']:.2f} s per step on this CPU, {out['wall_s'] / 60:.1f} min with evaluation"
                for arm, out in results["arms"].items()], ""]
-    write_text(out_dir / "teacher-probe.md", lines)
+    write_text(out_dir / f"{name}.md", lines)
 
 
 if __name__ == "__main__":

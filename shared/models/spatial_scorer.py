@@ -57,6 +57,13 @@ from .text import TextFeatures
 _INIT_LOGIT_SCALE = math.log(20.0)
 
 
+def _zero_linear(width_in: int, width_out: int) -> nn.Linear:
+    layer = nn.Linear(width_in, width_out)
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
 class SpatialCrossScorer(nn.Module):
     def __init__(self, embed_dim: int, region_width: int, cells: int, width: int, layers: int, heads: int,
                  max_text: int, max_frames: int, *, motion_tokens: bool = False,
@@ -81,6 +88,13 @@ class SpatialCrossScorer(nn.Module):
         self.motion_proj = nn.Linear(cells * region_width, width) if motion_tokens else None
         self.motion_type = nn.Parameter(torch.randn(width) * 0.02) if motion_tokens else None
         self.word_proj = nn.Linear(word_width, width) if word_width else None
+        # The motion match: a late-interaction term beside the joint transformer, each word
+        # against its best-matching frame change (X-CLIP's word-frame max, on motion tokens).
+        # Measured: the joint transformer alone, handed motion tokens, fitted only 65% of its
+        # own direction-twin training pairs in 300 steps. The key starts at zero, so an
+        # untrained scorer still scores 0.
+        self.motion_query = nn.Linear(word_width or embed_dim, width) if motion_tokens else None
+        self.motion_key = _zero_linear(cells * region_width, width) if motion_tokens else None
         self.cls = nn.Parameter(torch.randn(width) * 0.02)
         self.encoder = joint_encoder(width, layers, heads)
         self.score_head, self.relevance_head = zero_read_out(width), zero_read_out(width)
@@ -110,6 +124,20 @@ class SpatialCrossScorer(nn.Module):
         moved = torch.zeros_like(mask)
         moved[:, 1:] = mask[:, 1:] & mask[:, :-1]
         return change * moved[..., None], moved
+
+    def _motion_match(self, text: TextFeatures, tokens: torch.Tensor, motion: torch.Tensor,
+                      moved: torch.Tensor) -> torch.Tensor:
+        """[B]: the mean over real words of each word's best dot product with a frame's change
+        (frames without a change excluded); words are the word embeddings when the scorer has
+        them, else the contextual tokens."""
+        with _full_precision(motion):
+            words = tokens if text.words is None or self.word_proj is None else text.words.float()
+            query = self.motion_query(zero_padding(words.float(), text.mask))  # [B,L,W]
+            key = self.motion_key(motion.float())  # [B,T,W]
+            sims = torch.einsum("blw,btw->blt", query, key).masked_fill(~moved[:, None, :], float("-inf"))
+            best = sims.max(dim=-1).values  # [B,L]
+            best = torch.where(torch.isfinite(best) & text.mask, best, torch.zeros_like(best))
+            return best.sum(dim=1) / text.mask.sum(dim=1).clamp(min=1)
 
     def forward(self, text: TextFeatures, frames: torch.Tensor, mask: torch.Tensor,
                 regions: torch.Tensor | None = None,
@@ -150,10 +178,13 @@ class SpatialCrossScorer(nn.Module):
         region_mask = mask[:, :, None].expand(-1, -1, cells).flatten(1, 2)
         ones = mask.new_ones(batch, 1)
         masks = [ones, text.mask, ones, mask, region_mask]
+        motion_match = None
         if self.motion_proj is not None:
             motion, moved = self._motion(r, mask)
-            parts.append((self.motion_proj(self.motion_norm(motion)) + self.motion_type + frame_pos).to(t.dtype))
+            normed = self.motion_norm(motion)
+            parts.append((self.motion_proj(normed) + self.motion_type + frame_pos).to(t.dtype))
             masks.append(moved)
+            motion_match = self._motion_match(text, words, normed, moved)
         sequence = torch.cat(parts, dim=1)
         valid = torch.cat(masks, dim=1)
         h = self.encoder(sequence, src_key_padding_mask=~valid)
@@ -161,6 +192,8 @@ class SpatialCrossScorer(nn.Module):
         with _full_precision(frames):
             h = h.float()
             score = self.score_head(h[:, 0]).squeeze(-1)
+            if motion_match is not None:
+                score = score + motion_match
             frame_out = h[:, 2 + length:2 + length + num_frames]
             logits = frame_sentence + self.relevance_head(frame_out).squeeze(-1)
             return score, masked_softmax(logits, mask)
