@@ -462,3 +462,26 @@ def test_serve_replicas_that_just_fit_render(chart, builder_actor_options):
     values = {"serve": {"rayAutoscaling": True, "workers": {"maxReplicas": 4}, "query": {"autoscaling": {"max_replicas": 16}}}}
     docs = documents(render(chart, values))
     assert serve_demand(docs, builder_actor_options)[0] == 20 <= serve_capacity(docs)[0]
+
+
+# ---- embedded Qdrant: a slow start is not killed in a loop (issue 26, item 8) ----------
+@pytest.mark.parametrize("startup_s", [None, 1200, 15])
+def test_embedded_qdrant_gets_its_whole_start_before_liveness_counts(chart, startup_s):
+    values = {} if startup_s is None else {"qdrant": {"embedded": {"startupSeconds": startup_s}}}
+    docs = documents(render(chart, values))
+    (qdrant,) = [d for d in find(docs, "StatefulSet") if d["metadata"]["name"] == f"{FULLNAME}-qdrant"]
+    (container,) = qdrant["spec"]["template"]["spec"]["containers"]
+    startup, liveness = container["startupProbe"], container["livenessProbe"]
+    # Kubernetes runs no liveness probe until the startup probe has passed once: the start
+    # window is failureThreshold x periodSeconds of a probe that only passes when Qdrant is ready.
+    assert startup["httpGet"]["path"] == "/readyz"
+    window = startup["failureThreshold"] * startup["periodSeconds"]
+    want = 600 if startup_s is None else startup_s
+    assert want <= window < want + startup["periodSeconds"]
+    # Once started, one slow answer is not a restart: several misses in a row, each with a timeout.
+    assert liveness["failureThreshold"] >= 3 and liveness.get("timeoutSeconds", 1) >= 2
+
+
+def test_a_start_window_under_one_probe_period_is_refused(chart):
+    with pytest.raises(Exception, match="startupSeconds"):
+        render(chart, {"qdrant": {"embedded": {"startupSeconds": 5}}})
