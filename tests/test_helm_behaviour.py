@@ -23,7 +23,7 @@ from typing import Any, Iterator
 import pytest
 
 from test_helm_chart import (FULLNAME, VALUE_SETS, chart, documents, embedded_rayjobs, find,  # noqa: F401
-                             ray_pod_templates, render, rendered)
+                             pod_specs, ray_pod_templates, render, rendered)
 
 # KubeRay names a RayService's cluster <name>-<random suffix>, a RayJob's cluster after the
 # job; any fixed suffix stands in for the random one.
@@ -485,3 +485,22 @@ def test_embedded_qdrant_gets_its_whole_start_before_liveness_counts(chart, star
 def test_a_start_window_under_one_probe_period_is_refused(chart):
     with pytest.raises(Exception, match="startupSeconds"):
         render(chart, {"qdrant": {"embedded": {"startupSeconds": 5}}})
+
+
+def test_the_embedded_qdrant_key_can_come_from_a_named_secret(chart):
+    """With qdrant.embedded.apiKeySecret the release generates no Qdrant key (helm template and
+    GitOps tools, which cannot lookup, would make a new one every sync), and the server and every
+    client read the same named key."""
+    named = {"name": "my-qdrant", "key": "token"}
+    docs = documents(render(chart, {"qdrant": {"embedded": {"apiKeySecret": named}}}))
+    assert all("qdrant-api-key" not in (d.get("data") or {}) for d in find(docs, "Secret"))
+    refs = []
+    for _, spec, _ in pod_specs(docs):
+        for container in spec.get("containers", []):
+            for env in container.get("env", []):
+                if env["name"] in ("QDRANT_API_KEY", "QDRANT__SERVICE__API_KEY"):
+                    refs.append((env["name"], env["valueFrom"]["secretKeyRef"]))
+    assert {name for name, _ in refs} == {"QDRANT_API_KEY", "QDRANT__SERVICE__API_KEY"}
+    assert all(ref == named for _, ref in refs), refs
+    default = documents(render(chart, {}))
+    assert any("qdrant-api-key" in (d.get("data") or {}) for d in find(default, "Secret"))

@@ -202,6 +202,15 @@ seccompProfile:
 {{- end -}}
 
 {{/* The environment of every vidsearch process: endpoints and secrets (as references). */}}
+{{- /* The embedded Qdrant's key: a Secret the user names (stable under helm template and
+GitOps tools, which cannot lookup), else the release's generated one. */ -}}
+{{- define "vidsearch.qdrantKeySecret" -}}
+{{- .Values.qdrant.embedded.apiKeySecret.name | default (include "vidsearch.generatedSecret" .) -}}
+{{- end -}}
+{{- define "vidsearch.qdrantKeySecretKey" -}}
+{{- if .Values.qdrant.embedded.apiKeySecret.name }}{{ .Values.qdrant.embedded.apiKeySecret.key }}{{ else }}qdrant-api-key{{ end -}}
+{{- end -}}
+
 {{- define "vidsearch.env" -}}
 - name: VIDSEARCH_CONFIG
   value: /etc/vidsearch/settings.yaml
@@ -215,8 +224,8 @@ seccompProfile:
   valueFrom:
     secretKeyRef:
 {{- if .Values.qdrant.embedded.enabled }}
-      name: {{ include "vidsearch.generatedSecret" . }}
-      key: qdrant-api-key
+      name: {{ include "vidsearch.qdrantKeySecret" . }}
+      key: {{ include "vidsearch.qdrantKeySecretKey" . }}
 {{- else }}
       name: {{ .Values.qdrant.external.apiKeySecret.name }}
       key: {{ .Values.qdrant.external.apiKeySecret.key }}
