@@ -504,3 +504,18 @@ def test_the_embedded_qdrant_key_can_come_from_a_named_secret(chart):
     assert all(ref == named for _, ref in refs), refs
     default = documents(render(chart, {}))
     assert any("qdrant-api-key" in (d.get("data") or {}) for d in find(default, "Secret"))
+
+
+@pytest.mark.parametrize("on_storage", [None, False])
+def test_embedded_qdrant_snapshots_survive_a_restart_by_default(chart, on_storage):
+    values = {} if on_storage is None else {"qdrant": {"embedded": {"snapshotsOnStorage": on_storage}}}
+    docs = documents(render(chart, values))
+    (qdrant,) = [d for d in find(docs, "StatefulSet") if d["metadata"]["name"] == f"{FULLNAME}-qdrant"]
+    spec = qdrant["spec"]["template"]["spec"]
+    (mount,) = [m for m in spec["containers"][0]["volumeMounts"] if m["mountPath"] == "/qdrant/snapshots"]
+    claims = {c["metadata"]["name"] for c in qdrant["spec"]["volumeClaimTemplates"]}
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    if on_storage is None:  # on a claim of the StatefulSet, which outlives the pod
+        assert mount["name"] in claims and mount["name"] not in volumes and mount.get("subPath") == "snapshots"
+    else:
+        assert "emptyDir" in volumes[mount["name"]]
