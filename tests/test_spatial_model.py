@@ -217,6 +217,33 @@ def test_untrained_spatial_scorer_scores_zero_and_relevance_is_the_cosine_softma
     assert torch.allclose(relevance[1, :2], row, atol=1e-6) and torch.equal(relevance[1, 2:], torch.zeros(2))
 
 
+def pair_margin(model, text, frames, mask, regions) -> float:
+    """Two captions and their two videos: how far each caption prefers its own video, summed."""
+    with torch.no_grad():
+        scores, _ = model.score_matrix(text, frames, mask, regions=regions)
+    return float(scores[0, 0] - scores[0, 1] + scores[1, 1] - scores[1, 0])
+
+
+def train_scorer_on_pairs(model, text, frames, mask, regions, steps: int) -> None:
+    """A few Adam steps of symmetric InfoNCE on the scorer alone (text b belongs to video b)."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    params = list(model.scorer.parameters())
+    for param in params:
+        param.requires_grad_(True)
+    optimizer = torch.optim.Adam(params, lr=3e-3)
+    model.train()
+    target = torch.arange(len(frames))
+    for _ in range(steps):
+        scores, _ = model.score_matrix(text, frames, mask, regions=regions)
+        logits = model.scorer.logit_scale.exp() * scores
+        loss = F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+
+
 def test_the_spatial_scorer_learns_what_frame_vectors_cannot_carry():
     """Two videos with identical frame vectors and the same region tokens, only swapped
     between the left and the right cells; two captions, one for each. No function of the
@@ -237,32 +264,12 @@ def test_the_spatial_scorer_learns_what_frame_vectors_cannot_carry():
     with torch.no_grad():
         text = model.encode_scorer_text(["the bright shape is on the left", "the bright shape is on the right"])
 
-    def margin() -> float:
-        with torch.no_grad():
-            scores, _ = model.score_matrix(text, frames, mask, regions=regions)
-        return float(scores[0, 0] - scores[0, 1] + scores[1, 1] - scores[1, 0])
-
-    assert margin() == 0.0
-    for param in model.parameters():
-        param.requires_grad_(False)
-    params = list(model.scorer.parameters())
-    for param in params:
-        param.requires_grad_(True)
-    optimizer = torch.optim.Adam(params, lr=3e-3)
-    model.train()
-    target = torch.arange(2)
-    for _ in range(40):
-        scores, _ = model.score_matrix(text, frames, mask, regions=regions)
-        logits = model.scorer.logit_scale.exp() * scores
-        loss = F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
+    assert pair_margin(model, text, frames, mask, regions) == 0.0
+    train_scorer_on_pairs(model, text, frames, mask, regions, steps=40)
     with torch.no_grad():
         scores, _ = model.score_matrix(text, frames, mask, regions=regions)
     assert scores[0, 0] > scores[0, 1] and scores[1, 1] > scores[1, 0], scores
-    assert margin() > 0.3, scores
+    assert pair_margin(model, text, frames, mask, regions) > 0.3, scores
 
 
 # ---- config --------------------------------------------------------------------------

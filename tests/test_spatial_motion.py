@@ -14,7 +14,8 @@ from vidsearch.models.spatial_scorer import SpatialCrossScorer
 from vidsearch.registry import ModelRegistry
 
 from test_models import _frames, _pad_with_garbage, _perturb
-from test_spatial_model import CELLS, WIDTH, _with_scorer, pad_regions, spatial_config, unit_regions
+from test_spatial_model import (CELLS, WIDTH, _with_scorer, pad_regions, pair_margin, spatial_config,
+                                train_scorer_on_pairs, unit_regions)
 
 
 def motion_config(**scorer) -> ModelConfig:
@@ -108,28 +109,8 @@ def _direction_task(model):
 
 def _train_margin(model, steps: int) -> float:
     text, frames, mask, regions = _direction_task(model)
-
-    def margin() -> float:
-        with torch.no_grad():
-            scores, _ = model.score_matrix(text, frames, mask, regions=regions)
-        return float(scores[0, 0] - scores[0, 1] + scores[1, 1] - scores[1, 0])
-
-    for param in model.parameters():
-        param.requires_grad_(False)
-    params = list(model.scorer.parameters())
-    for param in params:
-        param.requires_grad_(True)
-    optimizer = torch.optim.Adam(params, lr=3e-3)
-    model.train()
-    for _ in range(steps):
-        scores, _ = model.score_matrix(text, frames, mask, regions=regions)
-        logits = model.scorer.logit_scale.exp() * scores
-        loss = F.cross_entropy(logits, torch.arange(2)) + F.cross_entropy(logits.T, torch.arange(2))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
-    return margin()
+    train_scorer_on_pairs(model, text, frames, mask, regions, steps)
+    return pair_margin(model, text, frames, mask, regions)
 
 
 def test_direction_is_learnable_only_when_the_words_stay_apart():
