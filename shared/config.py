@@ -44,6 +44,11 @@ class BrokerSettings(_Section):
     ingest_topic: str = Field("videos.ingest", description='topic the ingest worker consumes')
     dlq_topic: str = Field("videos.ingest.dlq", description="dead-letter topic for messages that can't be processed")
     partitions: int = Field(4, ge=1, le=1024, description='partitions created for both topics (upper bound on worker parallelism)')
+    # A least-privilege user (a Strimzi KafkaUser with Read/Write/Describe ACLs) may not create
+    # topics: with false the topics are only looked up, and a missing one stops the client.
+    create_topics: bool = Field(True, description="create the ingest and DLQ topics when missing (needs the Create "
+                                "permission); false = they must exist (e.g. Strimzi KafkaTopics): a missing one "
+                                "stops the worker with an error naming it")
     consumer_group: str = Field("vidsearch-ingest", description='consumer group of the ingest workers')
     session_timeout_ms: int = Field(6000, ge=1000, description='consumer session timeout')
     heartbeat_interval_ms: int = Field(1000, ge=100, description='consumer heartbeat interval')
@@ -198,6 +203,7 @@ class ServeSettings(_Section):
     default_deadline_s: float = Field(10.0, gt=0, description='deadline when the client sets none')
     reranker_app_name: str = Field("vidsearch-reranker", description="Serve application of the reranker")
     reranker_num_gpus: float = Field(0.5, ge=0, le=8, description="GPU share per reranker replica when the cluster has GPUs")
+    reranker_niceness: int = Field(19, ge=0, le=19, description="CPU scheduling niceness (Linux nice) of reranker replica processes; Ray starts every worker at 15, the query ingress included, so only a value above 15 ranks the reranker below it: where they share CPUs (one machine), a replica that starts or scores then yields the CPUs to recall, so a reranker restart does not slow the recall-only answers given meanwhile; a value at or below the process's own changes nothing")
     alias_poll_s: float = Field(2.0, gt=0, description="how often the query service checks the live alias")
     text_batch_size: int = Field(32, ge=1, description="max queries per text-encoding batch")
     rerank_batch_size: int = Field(16, ge=1, description="max requests per reranker batch")

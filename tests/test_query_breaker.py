@@ -306,3 +306,39 @@ def test_searches_waiting_on_a_stopped_reranker_are_released_together(service):
                        RECOVERY_TIMEOUT_S, "the background probe to close the breaker")
     assert state["probes_total"] >= 1
     assert search(service)[0].reranked
+
+
+def replica_pids(app: str, deployment: str) -> list[int]:
+    """Serve replica processes of ``app``'s ``deployment`` (Ray titles them
+    ``ray::ServeReplica:APP:DEPLOYMENT...``)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            title = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
+        except OSError:
+            continue
+        if f"ServeReplica:{app}:{deployment}" in title:
+            found.append(int(entry))
+    return found
+
+
+def test_the_reranker_replica_yields_the_cpus_to_the_ingress(service):
+    # On one machine a reranker replica that starts (imports, model load) or scores must not
+    # slow the recall-only answers the breaker gives meanwhile (docs/benchmarks/faults.md):
+    # every thread of the replica runs at serve.reranker_niceness, above the ingress's.
+    from test_cpu_priority import thread_niceness
+
+    settings = service.settings
+    service.deploy_pair(settings, settings)
+    wait_reranked(service)
+    rerankers = replica_pids(settings.serve.reranker_app_name, "Reranker")
+    ingresses = replica_pids(settings.serve.app_name, "SearchIngress")
+    assert rerankers and ingresses, (rerankers, ingresses)
+    wanted = settings.serve.reranker_niceness
+    assert wanted == 19
+    for pid in rerankers:
+        assert set(thread_niceness(pid).values()) == {wanted}, pid
+    for pid in ingresses:
+        assert max(thread_niceness(pid).values()) < wanted, pid

@@ -20,6 +20,7 @@ from typing import Any
 from ray import serve
 
 from vidsearch.config import Settings
+from vidsearch.cpu_priority import lower_process_priority
 from vidsearch.model_versions import ModelCache, load_model_for_version
 from vidsearch.telemetry import log_event
 
@@ -35,6 +36,8 @@ CACHED_VERSIONS = 2
 @serve.deployment(name=DEPLOYMENT_NAME, max_ongoing_requests=64)
 class Reranker:
     def __init__(self, settings: Settings) -> None:
+        # Before the model load: yield the CPUs to the query path (vidsearch.cpu_priority).
+        lower_process_priority(settings.serve.reranker_niceness)
         self._settings = settings
         self._models = ModelCache(lambda version: load_model_for_version(settings, version),
                                   capacity=CACHED_VERSIONS)

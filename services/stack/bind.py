@@ -13,6 +13,8 @@ from __future__ import annotations
 import ipaddress
 import os
 
+from vidsearch.cpu_priority import apply_niceness_from_env
+
 # How the driver tells its workers' setup hook where to bind (set in the job's
 # runtime_env; internal, not a user setting: the settings are serve.grpc_host, ray.node_ip).
 GRPC_HOST_ENV = "_VIDSEARCH_BIND_GRPC_HOST"
@@ -65,6 +67,9 @@ def _rewrite(address: str, host: str) -> str:
 def setup_worker() -> None:
     """Ray worker setup hook: Serve's gRPC proxy on serve.grpc_host, its replicas'
     internal gRPC servers on ray.node_ip."""
+    # First, before this process imports anything heavy: a reranker replica's lower CPU
+    # priority (serve.reranker_niceness) must cover its imports and model load too.
+    apply_niceness_from_env()
     grpc_host = os.environ.get(GRPC_HOST_ENV)
     node_ip = os.environ.get(NODE_IP_ENV)
     if grpc_host:
