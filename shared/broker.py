@@ -39,10 +39,18 @@ log = logging.getLogger(__name__)
 
 # Kafka error codes that mean "the topic is there", which is what ensure_topics wants.
 _TOPIC_OK_CODES = {0, 36}  # NONE, TOPIC_ALREADY_EXISTS
+# Codes of a refused CreateTopics: the client lacks the Create permission (a least-privilege
+# user, e.g. a Strimzi KafkaUser with Read/Write/Describe ACLs only).
+_NOT_ALLOWED_CODES = {29: "TOPIC_AUTHORIZATION_FAILED", 31: "CLUSTER_AUTHORIZATION_FAILED"}
+_UNKNOWN_TOPIC = 3  # UNKNOWN_TOPIC_OR_PARTITION in a metadata answer
 
 
 class BrokerError(RuntimeError):
     """The broker could not be started, reached or configured."""
+
+
+class TopicError(BrokerError):
+    """The broker answers, but a topic is missing or may not be created (the message names it)."""
 
 
 def client_security(broker: "BrokerSettings") -> dict[str, Any]:
@@ -69,15 +77,32 @@ def _admin(bootstrap: str, timeout_s: float, security: Mapping[str, Any] | None 
                             request_timeout_ms=timeout_ms, bootstrap_timeout_ms=timeout_ms, **(security or {}))
 
 
+def _describe(admin: Any, names: list[str]) -> tuple[dict[str, int], dict[str, int]]:
+    """(partition count of each topic that is there, error code of each that is not):
+    metadata only, which needs just the Describe permission and never creates a topic."""
+    present: dict[str, int] = {}
+    absent: dict[str, int] = {}
+    for topic in admin.describe_topics(names):
+        if topic["error_code"] == 0 and topic["partitions"]:
+            present[topic["name"]] = len(topic["partitions"])
+        else:
+            absent[topic["name"]] = topic["error_code"] or _UNKNOWN_TOPIC
+    return present, absent
+
+
 def ensure_topics(bootstrap: str, topics: Iterable[str], partitions: int,
                   replication_factor: int = -1, timeout_s: float = 15.0,
-                  security: Mapping[str, Any] | None = None) -> dict[str, int]:
-    """Create the topics that are missing; return each topic's partition count.
+                  security: Mapping[str, Any] | None = None, *, create: bool = True) -> dict[str, int]:
+    """Make sure the topics exist; return each topic's partition count (the topic's own).
 
-    Idempotent: an existing topic is left alone (also when its partition count
-    differs, which is logged: adding partitions moves keys, an operator decision).
-    ``replication_factor=-1`` takes the broker's default, which suits both a
-    one-node broker and a replicated production cluster.
+    The topics are looked up first and only the missing ones are created, so a client
+    without the Create permission starts fine once its topics exist. Idempotent: an existing
+    topic is left alone (also when its partition count differs, which is logged: adding
+    partitions moves keys, an operator decision). ``replication_factor=-1`` takes the
+    broker's default, which suits both a one-node broker and a replicated production cluster.
+
+    ``create=False`` (``broker.create_topics``: topics managed elsewhere, e.g. Strimzi
+    KafkaTopics) never creates one: a missing topic is a one-line TopicError naming it.
     """
     from kafka.errors import KafkaError
 
@@ -91,23 +116,47 @@ def ensure_topics(bootstrap: str, topics: Iterable[str], partitions: int,
     except KafkaError as exc:
         raise BrokerError(f"cannot reach Kafka at {bootstrap}: {exc}") from exc
     try:
-        spec = {name: {"num_partitions": partitions, "replication_factor": replication_factor}
-                for name in names}
-        response = admin.create_topics(spec, timeout_ms=int(timeout_s * 1000), raise_errors=False)
-        for topic in response["topics"]:
-            if topic["error_code"] not in _TOPIC_OK_CODES:
-                raise BrokerError(f"cannot create topic {topic['name']!r}: error {topic['error_code']} "
-                                  f"{topic.get('error_message') or ''}".rstrip())
-        counts = {t["name"]: len(t["partitions"]) for t in admin.describe_topics(names)}
+        counts, absent = _describe(admin, names)
+        missing = [name for name in names if name not in counts]
+        if missing and not create:
+            name = missing[0]
+            why = ("does not exist" if absent.get(name, _UNKNOWN_TOPIC) == _UNKNOWN_TOPIC
+                   else f"is not visible to this client (error {absent[name]}: it needs Describe on the topic)")
+            raise TopicError(f"topic {name!r} {why} on {bootstrap}, and broker.create_topics is false: create it "
+                             f"(e.g. a Strimzi KafkaTopic, {partitions} partitions) or set broker.create_topics=true")
+        if missing:
+            spec = {name: {"num_partitions": partitions, "replication_factor": replication_factor}
+                    for name in missing}
+            response = admin.create_topics(spec, timeout_ms=int(timeout_s * 1000), raise_errors=False)
+            for topic in response["topics"]:
+                code = topic["error_code"]
+                if code in _NOT_ALLOWED_CODES:
+                    raise TopicError(f"not allowed to create topic {topic['name']!r} on {bootstrap} "
+                                     f"({_NOT_ALLOWED_CODES[code]}): create it beforehand and set "
+                                     "broker.create_topics=false, or grant Create")
+                if code not in _TOPIC_OK_CODES:
+                    raise TopicError(f"cannot create topic {topic['name']!r} on {bootstrap}: error {code} "
+                                     f"{topic.get('error_message') or ''}".rstrip())
+            # A new topic reaches every broker's metadata a moment after CreateTopics answers.
+            deadline = time.monotonic() + timeout_s
+            while True:
+                counts.update(_describe(admin, missing)[0])
+                missing = [name for name in missing if name not in counts]
+                if not missing or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
     except KafkaError as exc:
         raise BrokerError(f"topic setup on {bootstrap} failed: {exc}") from exc
     finally:
         admin.close()
     for name in names:
         if counts.get(name, 0) < 1:
-            raise BrokerError(f"topic {name!r} is not visible on {bootstrap} after creation")
+            raise TopicError(f"topic {name!r} is not visible on {bootstrap} after creation")
         if counts[name] != partitions:
-            log_event(log, "topic exists with a different partition count", logging.WARNING,
+            # The topic's count, not broker.partitions (the chart's kafka.partitions, which its
+            # replicas check reads), bounds the consumers that get work: say so where it is known.
+            log_event(log, "topic exists with a different partition count: at most that many ingest "
+                      "workers get partitions (the others idle); set broker.partitions to it", logging.WARNING,
                       topic=name, partitions=counts[name], wanted=partitions)
     return counts
 

@@ -1,6 +1,7 @@
 """The embedded Tansu broker, spoken to with the plain Kafka protocol (kafka-python)."""
 from __future__ import annotations
 
+import logging
 import os
 import stat
 import uuid
@@ -10,7 +11,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient
 from kafka.structs import OffsetAndMetadata
 
-from vidsearch.broker import BrokerError, EmbeddedBroker, ensure_topics
+from vidsearch.broker import BrokerError, EmbeddedBroker, TopicError, ensure_topics
 from vidsearch.config import BrokerSettings
 
 
@@ -150,3 +151,70 @@ def test_broker_that_never_listens_times_out_and_is_killed(tmp_path):
 def test_missing_binary_is_a_clear_error(tmp_path):
     with pytest.raises(BrokerError, match="cannot run broker binary"):
         EmbeddedBroker(binary=tmp_path / "nope").start()
+
+
+# --- broker.create_topics=false: topics managed elsewhere (Strimzi KafkaTopics) ------------
+
+def _topic_names(bootstrap: str) -> set[str]:
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        return set(admin.list_topics())
+    finally:
+        admin.close()
+
+
+def test_without_creation_a_missing_topic_is_one_line_naming_it_and_nothing_is_created(broker):
+    there, missing = f"t-{uuid.uuid4().hex[:8]}", f"t-{uuid.uuid4().hex[:8]}"
+    ensure_topics(broker.bootstrap, [there], partitions=2)
+    with pytest.raises(TopicError) as excinfo:
+        ensure_topics(broker.bootstrap, [there, missing], partitions=2, create=False)
+    text = str(excinfo.value)
+    assert f"topic {missing!r} does not exist on {broker.bootstrap}" in text and "broker.create_topics" in text
+    assert "\n" not in text and there not in text
+    assert missing not in _topic_names(broker.bootstrap)
+
+
+def test_without_creation_existing_topics_answer_their_own_partition_count(broker, caplog):
+    topic = f"t-{uuid.uuid4().hex[:8]}"
+    ensure_topics(broker.bootstrap, [topic], partitions=3)
+    caplog.set_level(logging.WARNING, logger="vidsearch.broker")
+    # broker.partitions (the chart's kafka.partitions) says 4; the topic has 3.
+    assert ensure_topics(broker.bootstrap, [topic], partitions=4, create=False) == {topic: 3}
+    (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning.fields == {"topic": topic, "partitions": 3, "wanted": 4}
+    assert "at most that many ingest workers get partitions" in warning.getMessage()
+
+
+def test_an_ingest_worker_without_creation_stops_on_a_missing_topic(broker):
+    from vidsearch.config import Settings
+    from vidsearch.services.ingest.worker import IngestWorker, WorkerError
+
+    topic, dlq = f"t-{uuid.uuid4().hex[:8]}", f"t-{uuid.uuid4().hex[:8]}"
+    ensure_topics(broker.bootstrap, [topic], partitions=2)  # the DLQ topic is the missing one
+    settings = Settings(broker=BrokerSettings(bootstrap=broker.bootstrap, ingest_topic=topic, dlq_topic=dlq,
+                                              create_topics=False))
+    worker = IngestWorker(settings)
+    with pytest.raises(WorkerError) as excinfo:
+        worker.start()  # before Ray, the store or the metrics port: the topics come first
+    assert str(excinfo.value).startswith(f"topic {dlq!r} does not exist on {broker.bootstrap}")
+    assert "\n" not in str(excinfo.value) and dlq not in _topic_names(broker.bootstrap)
+
+
+def test_publish_without_creation_names_the_missing_topic_and_sends_nothing(broker):
+    from vidsearch.messages import DeleteOp
+    from vidsearch.services.ingest.producer import ProducerError, publish
+
+    topic = f"t-{uuid.uuid4().hex[:8]}"
+    with pytest.raises(ProducerError, match=rf"^topic '{topic}' does not exist on "):
+        publish(broker.bootstrap, topic, [DeleteOp("v1")], partitions=2, progress=False, create_topics=False)
+    assert topic not in _topic_names(broker.bootstrap)
+    ensure_topics(broker.bootstrap, [topic], partitions=2)
+    sent = publish(broker.bootstrap, topic, [DeleteOp("v1")], partitions=2, progress=False, create_topics=False)
+    assert sent.sent == 1
+
+
+def test_create_topics_comes_from_the_environment():
+    from vidsearch.config import load_settings
+
+    assert load_settings(env={}).broker.create_topics is True
+    assert load_settings(env={"VIDSEARCH_BROKER__CREATE_TOPICS": "false"}).broker.create_topics is False

@@ -519,3 +519,60 @@ def test_embedded_qdrant_snapshots_survive_a_restart_by_default(chart, on_storag
         assert mount["name"] in claims and mount["name"] not in volumes and mount.get("subPath") == "snapshots"
     else:
         assert "emptyDir" in volumes[mount["name"]]
+
+
+# --- Kafka from Strimzi (issue 26, item 5) ---------------------------------------------------
+
+def strimzi_objects(user: str, cluster: str) -> list[dict[str, Any]]:
+    """The Secrets Strimzi writes: a SCRAM KafkaUser's (named after the user, with only the
+    password and a JAAS line) and the cluster CA's; vidsearch's pods must find what they read there."""
+    return [{"apiVersion": "v1", "kind": "Secret", "metadata": {"name": user},
+             "data": {"password": "c2VjcmV0", "sasl.jaas.config": "amFhcw=="}},
+            {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": f"{cluster}-cluster-ca-cert"},
+             "data": {"ca.crt": "Y2E=", "ca.p12": "cDEy", "ca.password": "cHc="}}]
+
+
+def test_strimzi_values_need_only_what_a_kafka_user_secret_has(rendered, chart):
+    """The old chart read the username from a key of the Secret; Strimzi's has none, and the
+    pods stayed in CreateContainerConfigError."""
+    values = VALUE_SETS["strimzi-values"]
+    docs = rendered["strimzi-values"]
+    assert reference_problems(docs + strimzi_objects("vidsearch", "events"), values) == []
+    kafka_refs = [(e["name"], e["valueFrom"]["secretKeyRef"]) for p in pods(docs)
+                  for c in p.spec.get("initContainers", []) + p.spec["containers"] for e in c.get("env", [])
+                  if "secretKeyRef" in e.get("valueFrom", {}) and e["name"].startswith("VIDSEARCH_BROKER__")]
+    assert kafka_refs and {ref["name"] for _, ref in kafka_refs} == {"vidsearch"}
+    # The same values with the username from the Secret's usernameKey: the check sees it.
+    keyed = copy.deepcopy(values)
+    del keyed["kafka"]["external"]["sasl"]["username"]
+    problems = reference_problems(documents(render(chart, keyed, base={})) + strimzi_objects("vidsearch", "events"),
+                                  keyed)
+    assert problems and all(p.endswith("Secret/vidsearch has no key username") for p in problems), problems
+
+
+def _worker_settings(docs: list[dict[str, Any]], tmp_path) -> Any:
+    from vidsearch.config import load_settings
+
+    from test_helm_chart import pod_env
+
+    settings_file = tmp_path / "settings.yaml"
+    settings_file.write_text(find(docs, "ConfigMap", f"{FULLNAME}-settings")[0]["data"]["settings.yaml"])
+    (worker,) = [p for p in pods(docs) if p.where == f"Deployment/{FULLNAME}-ingest-worker"]
+    env = pod_env(worker.spec["containers"][0])
+    env["VIDSEARCH_CONFIG"] = str(settings_file)
+    return load_settings(env=env)
+
+
+def test_strimzi_workers_use_the_literal_username_and_create_no_topics(rendered, tmp_path):
+    settings = _worker_settings(rendered["strimzi-values"], tmp_path)
+    assert settings.broker.sasl_username == "vidsearch" and settings.broker.create_topics is False
+    assert settings.broker.partitions == 6 and settings.broker.ssl_cafile.endswith("/ca.crt")
+    assert _worker_settings(rendered["external-values"], tmp_path).broker.create_topics is True
+    # Without a literal username, the one from the Secret (a placeholder here).
+    assert _worker_settings(rendered["external-values"], tmp_path).broker.sasl_username == "secret-from-kubernetes"
+
+
+def test_turning_topic_creation_off_rolls_every_pod_that_reads_settings(chart):
+    base = VALUE_SETS["external-values"]
+    readers = settings_readers(documents(render(chart, base)))
+    assert changed_templates(chart, base, {"kafka": {"createTopics": False}}) == readers

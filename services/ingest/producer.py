@@ -151,17 +151,20 @@ class PublishResult:
 
 def publish(bootstrap: str, topic: str, ops: Sequence[IngestOp], *, partitions: int,
             progress: bool | None = None, timeout_s: float = 30.0,
-            max_request_bytes: int = 1_048_576, security: Mapping[str, Any] | None = None) -> PublishResult:
+            max_request_bytes: int = 1_048_576, security: Mapping[str, Any] | None = None,
+            create_topics: bool = True) -> PublishResult:
     """Produce ``ops`` with acks=all and wait until every one is acknowledged.
 
-    The topic is created first if it is missing (brokers like Tansu don't auto-create).
-    Raises ProducerError naming the bootstrap when the broker can't be reached.
+    The topic is created first if it is missing (brokers like Tansu don't auto-create);
+    with ``create_topics=False`` (``broker.create_topics``) it must exist, and a missing one
+    is a ProducerError naming it, before anything is sent. Raises ProducerError naming the
+    bootstrap when the broker can't be reached.
     """
     from kafka import KafkaProducer
     from kafka.errors import KafkaError
     from tqdm import tqdm
 
-    from vidsearch.broker import BrokerError, ensure_topics
+    from vidsearch.broker import BrokerError, TopicError, ensure_topics
 
     encoded: list[tuple[bytes, bytes]] = []
     for op in ops:
@@ -170,7 +173,10 @@ def publish(bootstrap: str, topic: str, ops: Sequence[IngestOp], *, partitions: 
         except MessageError as exc:
             raise ProducerError(f"video {op.video_id!r}: {exc.reason}") from None
     try:
-        ensure_topics(bootstrap, [topic], partitions, timeout_s=min(timeout_s, 15.0), security=security)
+        ensure_topics(bootstrap, [topic], partitions, timeout_s=min(timeout_s, 15.0), security=security,
+                      create=create_topics)
+    except TopicError as exc:  # the broker answered: the line names the topic and the bootstrap
+        raise ProducerError(_first_line(exc)) from None
     except BrokerError as exc:
         raise ProducerError(f"cannot reach Kafka at {bootstrap}: {_first_line(exc)}") from None
     try:

@@ -191,7 +191,7 @@ class IngestWorker:
             raise WorkerError("no Kafka broker configured: set KAFKA_BOOTSTRAP (or broker.bootstrap)")
         try:
             ensure_topics(broker.bootstrap, [self.topic, self.dlq_topic], broker.partitions,
-                          security=client_security(broker))
+                          security=client_security(broker), create=broker.create_topics)
         except BrokerError as exc:
             raise WorkerError(str(exc).splitlines()[0]) from None
         try:

@@ -101,6 +101,9 @@ pods pending or idle without a message), and values compared with each other. */
 {{- if gt (int .Values.ingest.replicas) (int .Values.kafka.partitions) -}}
 {{- fail (printf "ingest.replicas (%d) must not exceed kafka.partitions (%d): a consumer group gives each partition to one worker, so the extra workers would sit idle" (int .Values.ingest.replicas) (int .Values.kafka.partitions)) -}}
 {{- end -}}
+{{- if and .Values.kafka.embedded.enabled (not .Values.kafka.createTopics) -}}
+{{- fail "kafka.createTopics=false needs an external Kafka (kafka.external.bootstrap, kafka.embedded.enabled=false) whose topics exist: nothing would create the embedded Kafka's" -}}
+{{- end -}}
 {{- if and .Values.kafka.embedded.enabled .Values.kafka.external.bootstrap -}}
 {{- fail "set either kafka.external.bootstrap or kafka.embedded.enabled=true, not both" -}}
 {{- end -}}
@@ -244,11 +247,17 @@ GitOps tools, which cannot lookup), else the release's generated one. */ -}}
 {{- if hasPrefix "SASL_" .securityProtocol }}
 - name: VIDSEARCH_BROKER__SASL_MECHANISM
   value: {{ .sasl.mechanism | quote }}
+{{- /* A username is no secret, and a Strimzi KafkaUser's Secret has no key for it
+(only password and sasl.jaas.config): a literal one takes the place of the key. */}}
 - name: VIDSEARCH_BROKER__SASL_USERNAME
+{{- if .sasl.username }}
+  value: {{ .sasl.username | quote }}
+{{- else }}
   valueFrom:
     secretKeyRef:
       name: {{ .sasl.existingSecret }}
       key: {{ .sasl.usernameKey }}
+{{- end }}
 - name: VIDSEARCH_BROKER__SASL_PASSWORD
   valueFrom:
     secretKeyRef:
