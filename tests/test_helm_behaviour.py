@@ -576,3 +576,163 @@ def test_turning_topic_creation_off_rolls_every_pod_that_reads_settings(chart):
     base = VALUE_SETS["external-values"]
     readers = settings_readers(documents(render(chart, base)))
     assert changed_templates(chart, base, {"kafka": {"createTopics": False}}) == readers
+
+
+# --- the trainer's runs (issue 26, item 9) ------------------------------------------------------
+
+def submit_script() -> Any:
+    import importlib.util
+
+    from test_helm_chart import CHART
+
+    spec = importlib.util.spec_from_file_location("train_submit", CHART / "files" / "train-submit.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def trainer_rayjobs(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return find(docs, "RayJob") + embedded_rayjobs(docs)
+
+
+def test_the_cron_job_lives_as_long_as_its_rayjob(rendered):
+    """The old CronJob's Job ran `kubectl create` and ended at once, so Forbid never saw a
+    run in progress and runs overlapped. Now its pod runs files/train-submit.py, which
+    waits for the RayJob; its selector finds every trainer RayJob of the release."""
+    from test_helm_chart import CHART
+
+    docs = rendered["embedded-values"]
+    (cron,) = find(docs, "CronJob")
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    job = cron["spec"]["jobTemplate"]["spec"]
+    pod = job["template"]["spec"]
+    (container,) = pod["containers"]
+    args = submit_script().build_parser().parse_args(container["command"][2:])
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mounts["/etc/vidsearch-train-submit"]]
+    (config,) = find(docs, "ConfigMap", volume["configMap"]["name"])
+    files = {item["path"]: config["data"][item["key"]] for item in volume["configMap"]["items"]}
+    assert files[container["command"][1].rsplit("/", 1)[1]] == (CHART / "files" / "train-submit.py").read_text()
+    manifest = yaml_load(files[args.manifest.rsplit("/", 1)[1]])
+    assert manifest["kind"] == "RayJob" and manifest["metadata"]["generateName"]
+    selector = dict(part.split("=", 1) for part in args.selector.split(","))
+    rayjobs = trainer_rayjobs(docs)
+    assert len(rayjobs) == 2 and all(selects(selector, r["metadata"]["labels"]) for r in rayjobs)
+    # The wait outlasts the run, and the Job's own deadline outlasts the wait.
+    deadline = manifest["spec"]["activeDeadlineSeconds"]
+    assert deadline < args.timeout < job["activeDeadlineSeconds"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["JOB_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['batch.kubernetes.io/job-name']"
+    (role,) = find(docs, "Role")
+    assert role["rules"] == [{"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["create", "get", "list"]}]
+
+
+def yaml_load(text: str) -> Any:
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def _rayjob(name: str, deployment: str | None, job_status: str = "", submitted_by: str | None = None,
+            **status: str) -> dict[str, Any]:
+    labels = {"app.kubernetes.io/component": "trainer"}
+    if submitted_by:
+        labels["vidsearch.io/submitted-by"] = submitted_by
+    body = {"metadata": {"name": name, "labels": labels}}
+    if deployment is not None:
+        body["status"] = {"jobDeploymentStatus": deployment, "jobStatus": job_status, **status}
+    return body
+
+
+def test_the_submitter_starts_no_run_while_one_is_in_progress():
+    script = submit_script()
+    finished = [_rayjob("old-1", "Complete", "SUCCEEDED"), _rayjob("old-2", "Failed", reason="DeadlineExceeded")]
+    assert script.decide([], "cron-1") == ("create", None)
+    assert script.decide(finished, "cron-1") == ("create", None)
+    # Just created (no status yet), initializing or running: a run in progress, whoever made it.
+    for state in (None, "Initializing", "Running", "Retrying", "Suspended"):
+        assert script.decide(finished + [_rayjob("hook", state)], "cron-2") == ("skip", "hook"), state
+    # A retried pod of the Job that created it waits for its own run.
+    own = _rayjob("mine", "Running", submitted_by="cron-3")
+    assert script.decide([_rayjob("other", "Running"), own], "cron-3") == ("wait", "mine")
+    manifest = {"metadata": {"generateName": "t-", "labels": {"app.kubernetes.io/component": "trainer"}}}
+    labelled = script.with_submitter(manifest, "cron-4")
+    assert labelled["metadata"]["labels"] == {"app.kubernetes.io/component": "trainer",
+                                              "vidsearch.io/submitted-by": "cron-4"}
+    assert "vidsearch.io/submitted-by" not in manifest["metadata"]["labels"]  # the mounted one is left alone
+
+
+def test_the_submitter_exits_with_the_runs_outcome():
+    script = submit_script()
+    assert script.outcome(_rayjob("r", "Running", "RUNNING"), "r") is None
+    assert script.outcome(_rayjob("r", None), "r") is None
+    assert script.outcome(_rayjob("r", "Complete", "SUCCEEDED"), "r") == (0, "RayJob r succeeded")
+    code, line = script.outcome(_rayjob("r", "Complete", "FAILED", reason="AppFailed"), "r")
+    assert code == 1 and "AppFailed" in line
+    code, line = script.outcome(_rayjob("r", "Failed", "RUNNING", reason="DeadlineExceeded",
+                                        message="deadline\nmore"), "r")
+    assert code == 1 and "DeadlineExceeded" in line and "(deadline)" in line and "\n" not in line
+    assert script.outcome(None, "r") == (1, "RayJob r was deleted before it finished")
+
+
+def deletion_rules(rayjob: dict[str, Any]) -> dict[tuple[str, str], int]:
+    """(condition, policy) -> ttlSeconds of a RayJob's deletionRules."""
+    rules = {}
+    for rule in rayjob["spec"]["deletionStrategy"]["deletionRules"]:
+        condition = dict(rule["condition"])
+        ttl = condition.pop("ttlSeconds")
+        ((field_name, value),) = condition.items()  # KubeRay: exactly one of jobStatus, jobDeploymentStatus
+        key = (f"{field_name}={value}", rule["policy"])
+        assert key not in rules, f"KubeRay refuses a duplicate rule {key}"
+        rules[key] = ttl
+    return rules
+
+
+@pytest.mark.parametrize("change", [{}, {"trainer": {"ttlSecondsAfterFinished": 60, "keepFinishedSeconds": 86400}}])
+def test_every_trainer_rayjob_deletes_its_cluster_and_then_itself(chart, change):
+    """The old RayJobs deleted their clusters but stayed themselves, one per run, owned by
+    nothing. KubeRay's deletionRules (which exclude shutdownAfterJobFinishes) remove both."""
+    from test_helm_chart import _deep_merge
+
+    values = _deep_merge(copy.deepcopy(VALUE_SETS["embedded-values"]), change)
+    trainer = {"ttlSecondsAfterFinished": 3600, "keepFinishedSeconds": 604800, **change.get("trainer", {})}
+    rayjobs = trainer_rayjobs(documents(render(chart, values, base={})))
+    assert len(rayjobs) == 2
+    for rayjob in rayjobs:
+        spec = rayjob["spec"]
+        assert "shutdownAfterJobFinishes" not in spec and "ttlSecondsAfterFinished" not in spec
+        expected = {}
+        for condition in ("jobStatus=SUCCEEDED", "jobStatus=FAILED", "jobDeploymentStatus=Failed"):
+            expected[(condition, "DeleteCluster")] = trainer["ttlSecondsAfterFinished"]
+            expected[(condition, "DeleteSelf")] = trainer["keepFinishedSeconds"]
+        assert deletion_rules(rayjob) == expected
+
+
+def test_a_rayjob_kept_for_less_than_its_cluster_is_refused(chart):
+    import helm_python
+
+    with pytest.raises(helm_python.HelmError) as excinfo:
+        render(chart, {"trainer": {"keepFinishedSeconds": 60}}, base=VALUE_SETS["embedded-values"])
+    assert "trainer.keepFinishedSeconds (60) must be >= trainer.ttlSecondsAfterFinished (3600)" in str(excinfo.value)
+
+
+def test_the_install_hook_and_the_shipped_model_are_what_their_comments_say(rendered):
+    """Two comments named hooks the templates do not have: the shipped model is installed by
+    an init container of the ingest workers, not a hook Job; the trainer's install RayJob is
+    a post-install hook only (no upgrade runs it)."""
+    import yaml
+
+    from test_helm_chart import CHART
+
+    docs = rendered["embedded-values"]
+    hooks = {(d["kind"], d["metadata"]["name"]): d["metadata"]["annotations"]["helm.sh/hook"]
+             for d in docs if "helm.sh/hook" in d["metadata"].get("annotations", {})}
+    assert hooks == {("RayJob", f"{FULLNAME}-train-initial"): "post-install", ("Job", f"{FULLNAME}-test-search"): "test"}
+    (worker,) = [p for p in pods(docs) if p.where == f"Deployment/{FULLNAME}-ingest-worker"]
+    assert [c["command"] for c in worker.spec["initContainers"]] == [["vidsearch", "models", "install-shipped"]]
+    values_text = (CHART / "values.yaml").read_text()
+    comment = values_text.split("installShipped:", 1)[0].rsplit("# --", 1)[1]
+    assert "init container" in comment and "hook" not in comment
+    tpl = (CHART / "templates" / "_trainer.tpl").read_text()
+    assert "a later upgrade replaces" not in tpl and "an upgrade runs no post-install" in tpl
+    assert yaml.safe_load(values_text)["registry"]["installShipped"] is True

@@ -663,14 +663,14 @@ def test_trainer_shares_the_registry_and_schedules_the_rayjob(rendered):
     (cron,) = find(docs, "CronJob")
     assert cron["spec"]["schedule"] == "0 3 * * *" and cron["spec"]["concurrencyPolicy"] == "Forbid"
     submit = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
-    assert submit["command"][:2] == ["kubectl", "create"]
+    assert submit["command"][:2] == ["python", "/etc/vidsearch-train-submit/train-submit.py"]
     (role,) = find(docs, "Role")
     assert role["rules"] == [{"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["create", "get", "list"]}]
     (installed,) = find(docs, "RayJob")
     assert installed["metadata"]["annotations"]["helm.sh/hook"] == "post-install"
     (scheduled,) = embedded_rayjobs(docs)
     assert scheduled["metadata"]["generateName"] == f"{FULLNAME}-train-"
-    assert scheduled["spec"]["shutdownAfterJobFinishes"] is True
+    assert "shutdownAfterJobFinishes" not in scheduled["spec"]  # deletionRules instead (tests/test_helm_behaviour.py)
     for group, template in ray_pod_templates(scheduled):
         if group == "submitter":
             continue

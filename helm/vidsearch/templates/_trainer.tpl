@@ -28,7 +28,9 @@ metadata:
   {{- end }}
   {{- if $hook }}
   annotations:
-    # Helm creates it once after install; a later upgrade replaces a finished one.
+    # Helm creates it once, after `helm install` only (an upgrade runs no post-install
+    # hook); before-hook-creation would delete it only before a re-install's copy, so its
+    # deletionRules below remove it, like every trainer RayJob.
     helm.sh/hook: post-install
     helm.sh/hook-weight: "10"
     helm.sh/hook-delete-policy: before-hook-creation
@@ -41,8 +43,19 @@ spec:
     vidsearch train --config /etc/vidsearch-train/run.yaml
     --run-dir /runs/{{ .Values.trainer.runConfig.name }}-$(date -u +%Y%m%dT%H%M%S)
     --workers {{ $workers.replicas }}{{ if gt (int $workers.gpus) 0 }} --gpu{{ end }}
-  shutdownAfterJobFinishes: true
-  ttlSecondsAfterFinished: {{ .Values.trainer.ttlSecondsAfterFinished }}
+  {{- /* KubeRay (RayJobDeletionPolicy, on by default from 1.6) deletes the cluster
+  ttlSecondsAfterFinished after the run ends and the RayJob itself keepFinishedSeconds
+  after, so finished RayJobs do not pile up, whoever created them. deletionRules exclude
+  shutdownAfterJobFinishes; the jobDeploymentStatus rule covers runs that never got a
+  terminal Ray job status (submission failed, activeDeadlineSeconds exceeded). */}}
+  deletionStrategy:
+    deletionRules:
+      {{- range $condition := list (dict "jobStatus" "SUCCEEDED") (dict "jobStatus" "FAILED") (dict "jobDeploymentStatus" "Failed") }}
+      - policy: DeleteCluster
+        condition: {{ merge (dict "ttlSeconds" (int $.root.Values.trainer.ttlSecondsAfterFinished)) $condition | toJson }}
+      - policy: DeleteSelf
+        condition: {{ merge (dict "ttlSeconds" (int $.root.Values.trainer.keepFinishedSeconds)) $condition | toJson }}
+      {{- end }}
   activeDeadlineSeconds: {{ .Values.trainer.activeDeadlineSeconds }}
   backoffLimit: 0
   submissionMode: K8sJobMode
