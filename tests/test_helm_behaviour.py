@@ -108,7 +108,9 @@ def services(docs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any], dict
     """(name, selector, spec) of every Service, the RayService's with KubeRay's selector."""
     out = [(d["metadata"]["name"], d["spec"].get("selector"), d["spec"]) for d in find(docs, "Service")]
     for service in find(docs, "RayService"):
-        serve = service["spec"]["serveService"]
+        serve = service["spec"].get("serveService")
+        if serve is None:  # the incremental upgrade: the chart renders the Service itself
+            continue
         selector = {"ray.io/cluster": ray_cluster_name(service), "ray.io/serve": "true"}
         out.append((serve["metadata"]["name"], selector, serve["spec"]))
     return out
@@ -736,3 +738,147 @@ def test_the_install_hook_and_the_shipped_model_are_what_their_comments_say(rend
     tpl = (CHART / "templates" / "_trainer.tpl").read_text()
     assert "a later upgrade replaces" not in tpl and "an upgrade runs no post-install" in tpl
     assert yaml.safe_load(values_text)["registry"]["installShipped"] is True
+
+
+# --- serving availability (issue 26, item 4) ---------------------------------------------------
+
+def serve_pods(docs: list[dict[str, Any]]) -> dict[str, Pod]:
+    return {p.where.rsplit("/", 1)[1]: p for p in pods(docs) if p.where.startswith("RayService/")}
+
+
+def budget_for(docs: list[dict[str, Any]], pod: Pod) -> list[dict[str, Any]]:
+    return [d for d in find(docs, "PodDisruptionBudget") if selects(d["spec"]["selector"], pod.labels)]
+
+
+@pytest.mark.parametrize("gcs, expected", [(False, 0), (True, 1)])
+def test_the_serving_head_has_a_disruption_budget(chart, gcs, expected):
+    """The old chart's budgets selected Ray workers only: a drain evicted the serving head,
+    and without GCS fault tolerance that restarts every serving pod."""
+    values = {"serve": {"gcsFaultTolerance": {"enabled": gcs, "redisAddress": "redis.data:6379"}}}
+    docs = documents(render(chart, values))
+    serving = serve_pods(docs)
+    (head_budget,) = budget_for(docs, serving["head"])
+    assert head_budget["spec"]["maxUnavailable"] == expected
+    (worker_budget,) = budget_for(docs, serving["cpu"])
+    assert worker_budget["spec"]["maxUnavailable"] == 1 and worker_budget is not head_budget
+    explicit = documents(render(chart, _merge(values, {"serve": {"head": {"maxUnavailable": 1}}})))
+    assert budget_for(explicit, serve_pods(explicit)["head"])[0]["spec"]["maxUnavailable"] == 1
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    from test_helm_chart import _deep_merge
+
+    return _deep_merge(copy.deepcopy(base), copy.deepcopy(top))
+
+
+def min_replicas(docs: list[dict[str, Any]]) -> dict[str, int]:
+    from test_helm_chart import serve_config
+
+    out = {}
+    for app in serve_config(docs)["applications"]:
+        for deployment in app["deployments"]:
+            scaling = deployment.get("autoscaling_config")
+            out[deployment["name"]] = scaling["min_replicas"] if scaling else deployment.get("num_replicas", 1)
+    return out
+
+
+def test_every_serve_deployment_keeps_two_replicas_on_two_workers(chart, rendered):
+    """One worker's loss (a drain, a node) leaves a replica of each deployment on the other."""
+    docs = rendered["default"]
+    assert min_replicas(docs) == {"Reranker": 2, "SearchIngress": 2}
+    assert min(min_replicas(documents(render(chart, {"serve": {"web": {"enabled": True}}}))).values()) >= 2
+    (service,) = find(docs, "RayService")
+    (group,) = service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert group["replicas"] >= 2 and group["minReplicas"] >= 2
+    # The workers prefer different nodes; the spread counts the serving workers of one cluster.
+    serving = serve_pods(docs)
+    (spread,) = serving["cpu"].spec["topologySpreadConstraints"]
+    assert spread["topologyKey"] == "kubernetes.io/hostname" and spread["whenUnsatisfiable"] == "ScheduleAnyway"
+    assert spread["matchLabelKeys"] == ["ray.io/cluster"]
+    counted = [p.where for p in pods(docs) if selects(spread["labelSelector"], p.labels)]
+    assert counted == [serving["cpu"].where]
+    assert "topologySpreadConstraints" not in serving["head"].spec
+    off = serve_pods(documents(render(chart, {"serve": {"workers": {"spreadAcrossNodes": False}}})))
+    assert "topologySpreadConstraints" not in off["cpu"].spec
+
+
+def test_gcs_fault_tolerance_keeps_the_clusters_state_in_redis(chart):
+    from kuberay_support import check_kuberay
+
+    values = {"serve": {"gcsFaultTolerance": {"enabled": True, "redisAddress": "redis-master.data:6379",
+                                              "redisPasswordSecret": {"name": "vidsearch-redis", "key": "redis-password"}}}}
+    docs = documents(render(chart, values))
+    (service,) = find(docs, "RayService")
+    options = service["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]
+    assert options == {"redisAddress": "redis-master.data:6379",
+                       "redisPassword": {"valueFrom": {"secretKeyRef": {"name": "vidsearch-redis",
+                                                                        "key": "redis-password"}}}}
+    assert check_kuberay(service).errors == []
+    # KubeRay refuses a RayService that sets Redis in the head's environment as well.
+    head = serve_pods(docs)["head"].spec["containers"][0]
+    assert not {"RAY_REDIS_ADDRESS", "REDIS_PASSWORD"} & {e["name"] for e in head.get("env", [])}
+    without_password = documents(render(chart, {"serve": {"gcsFaultTolerance": {"enabled": True,
+                                                                               "redisAddress": "r:6379"}}}))
+    assert find(without_password, "RayService")[0]["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"] == {
+        "redisAddress": "r:6379"}
+    assert "gcsFaultToleranceOptions" not in find(documents(render(chart, {})), "RayService")[0]["spec"]["rayClusterConfig"]
+    # Turning it on is a change of the cluster spec: KubeRay makes a new serving cluster for it.
+    assert changed_cluster_spec(chart, {}, values)
+
+
+def changed_cluster_spec(chart, base: dict[str, Any], change: dict[str, Any]) -> bool:
+    before = find(documents(render(chart, base)), "RayService")[0]["spec"]["rayClusterConfig"]
+    after = find(documents(render(chart, _merge(base, change))), "RayService")[0]["spec"]["rayClusterConfig"]
+    return before != after
+
+
+INCREMENTAL = {"serve": {"rayAutoscaling": True, "web": {"enabled": True},
+                         "upgrade": {"strategy": "NewClusterWithIncrementalUpgrade", "gatewayClassName": "istio",
+                                     "maxSurgePercent": 50, "stepSizePercent": 25, "intervalSeconds": 30}}}
+
+
+def test_the_incremental_upgrade_is_an_option_kuberay_accepts(chart):
+    from kuberay_support import check_kuberay
+
+    default = find(documents(render(chart, {})), "RayService")[0]
+    assert default["spec"]["upgradeStrategy"] == {"type": "NewCluster"} and "serveService" in default["spec"]
+    docs = documents(render(chart, INCREMENTAL))
+    (service,) = find(docs, "RayService")
+    spec = service["spec"]
+    assert spec["upgradeStrategy"] == {"type": "NewClusterWithIncrementalUpgrade", "clusterUpgradeOptions": {
+        "gatewayClassName": "istio", "maxSurgePercent": 50, "stepSizePercent": 25, "intervalSeconds": 30}}
+    assert check_kuberay(service).errors == []
+    assert spec["rayClusterConfig"]["enableInTreeAutoscaling"] is True  # KubeRay requires it for this strategy
+    # KubeRay ignores serveService here and routes its Gateway to the head's port named "serve".
+    assert "serveService" not in spec
+    head = serve_pods(docs)["head"]
+    assert {"name": "serve", "containerPort": 8000} in head.spec["containers"][0]["ports"]
+
+
+def test_with_the_incremental_upgrade_the_grpc_service_spans_old_and_new_clusters(chart):
+    """KubeRay's Gateway carries HTTP only and its serve Services are per cluster: the chart's
+    own gRPC Service selects the serving workers of both clusters while traffic moves."""
+    docs = documents(render(chart, INCREMENTAL))
+    (grpc,) = find(docs, "Service", f"{FULLNAME}-grpc")
+    (service,) = find(docs, "RayService")
+    old = pods(docs)
+    new_cluster = [Pod(p.where + "-new", {**p.labels, "ray.io/cluster": ray_cluster_name(service) + "-next"}, p.spec)
+                   for p in old if p.where.startswith("RayService/")]
+    chosen = [p.where for p in old + new_cluster if selects(grpc["spec"]["selector"], p.labels)]
+    assert chosen == [f"RayService/{FULLNAME}/cpu", f"RayService/{FULLNAME}/cpu-new"]
+    assert selector_problems(docs) == []  # the targetPorts (grpc, serve) exist on those pods
+    assert [p["targetPort"] for p in grpc["spec"]["ports"]] == ["grpc", "serve"]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"serve": {"rayAutoscaling": False}}, "needs serve.rayAutoscaling=true"),
+    ({"serve": {"upgrade": {"gatewayClassName": ""}}}, "needs serve.upgrade.gatewayClassName"),
+    ({"serve": {"upgrade": {"stepSizePercent": 60}}}, "serve.upgrade.stepSizePercent (60) must not exceed"),
+    ({"serve": {"gcsFaultTolerance": {"enabled": True}}}, "serve.gcsFaultTolerance.enabled needs serve.gcsFaultTolerance.redisAddress"),
+])
+def test_availability_options_kuberay_would_refuse_fail_the_render(chart, change, message):
+    import helm_python
+
+    with pytest.raises(helm_python.HelmError) as excinfo:
+        render(chart, _merge(INCREMENTAL, change))
+    assert message in str(excinfo.value)

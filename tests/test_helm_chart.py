@@ -485,9 +485,12 @@ def test_service_accounts_mount_no_token_unless_needed(rendered):
         assert doc["automountServiceAccountToken"] is expected, doc["metadata"]["name"]
 
 
-def test_disruption_budgets_cover_the_scaled_groups(rendered):
+def test_disruption_budgets_cover_the_scaled_groups_and_the_serving_head(rendered):
     budgets = {d["metadata"]["name"]: d["spec"] for d in find(rendered["default"], "PodDisruptionBudget")}
-    assert set(budgets) == {f"{FULLNAME}-ingest-worker", f"{FULLNAME}-serve", f"{FULLNAME}-ingest"}
+    assert set(budgets) == {f"{FULLNAME}-ingest-worker", f"{FULLNAME}-serve", f"{FULLNAME}-ingest",
+                            f"{FULLNAME}-serve-head"}
+    # Without GCS fault tolerance the head's eviction restarts every serving pod: a drain waits.
+    assert budgets.pop(f"{FULLNAME}-serve-head")["maxUnavailable"] == 0
     assert all(spec["maxUnavailable"] == 1 for spec in budgets.values())
 
 

@@ -82,6 +82,12 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 
 {{/* Ray Client address of the ingest RayCluster (KubeRay names its head Service <cluster>-head-svc). */}}
+{{/* KubeRay's incremental RayService upgrade (its serve Services are per cluster, its Gateway
+is HTTP only), for the templates that differ with it. */}}
+{{- define "vidsearch.incrementalUpgrade" -}}
+{{- if eq .Values.serve.upgrade.strategy "NewClusterWithIncrementalUpgrade" }}true{{ end -}}
+{{- end -}}
+
 {{- define "vidsearch.ingestRayAddress" -}}
 {{- printf "ray://%s-ingest-head-svc:10001" (include "vidsearch.fullname" .) -}}
 {{- end -}}
@@ -106,6 +112,22 @@ pods pending or idle without a message), and values compared with each other. */
 {{- end -}}
 {{- if and .Values.kafka.embedded.enabled .Values.kafka.external.bootstrap -}}
 {{- fail "set either kafka.external.bootstrap or kafka.embedded.enabled=true, not both" -}}
+{{- end -}}
+{{- with .Values.serve.upgrade -}}
+{{- if eq .strategy "NewClusterWithIncrementalUpgrade" -}}
+{{- if not $.Values.serve.rayAutoscaling -}}
+{{- fail "serve.upgrade.strategy NewClusterWithIncrementalUpgrade needs serve.rayAutoscaling=true: KubeRay grows the new cluster step by step through the Ray autoscaler (and refuses the RayService without it)" -}}
+{{- end -}}
+{{- if not .gatewayClassName -}}
+{{- fail "serve.upgrade.strategy NewClusterWithIncrementalUpgrade needs serve.upgrade.gatewayClassName: KubeRay moves the traffic through a Gateway API Gateway of that class" -}}
+{{- end -}}
+{{- if gt (int .stepSizePercent) (int .maxSurgePercent) -}}
+{{- fail (printf "serve.upgrade.stepSizePercent (%d) must not exceed serve.upgrade.maxSurgePercent (%d): KubeRay moves traffic only onto capacity the new cluster already has" (int .stepSizePercent) (int .maxSurgePercent)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.serve.gcsFaultTolerance.enabled (not .Values.serve.gcsFaultTolerance.redisAddress) -}}
+{{- fail "serve.gcsFaultTolerance.enabled needs serve.gcsFaultTolerance.redisAddress: the Redis (host:port) where the serving head keeps the cluster's state" -}}
 {{- end -}}
 {{- if and .Values.qdrant.embedded.enabled .Values.qdrant.external.url -}}
 {{- fail "set either qdrant.external.url or qdrant.embedded.enabled=true, not both" -}}

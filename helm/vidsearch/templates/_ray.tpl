@@ -4,7 +4,7 @@ bash, which the image has); the chart supplies the image, the vidsearch environm
 volumes, security, resources and probes.
 
 Called with (dict "root" $ "component" "serve" "role" "head"|"worker" "group" $group
-"gpus" n "serve" bool "autoscaling" bool). */}}
+"gpus" n "serve" bool "autoscaling" bool "spread" bool). */}}
 {{- define "vidsearch.rayPodTemplate" -}}
 {{- $root := .root -}}
 metadata:
@@ -32,6 +32,20 @@ spec:
   securityContext:
     {{- include "vidsearch.podSecurityContext" $root | nindent 4 }}
   {{- include "vidsearch.placement" (dict "root" $root "group" .group "gpus" .gpus) | nindent 2 }}
+  {{- if .spread }}
+  {{- /* Soft: a cluster smaller than its node pool still schedules. Per Ray cluster
+  (matchLabelKeys), so a RayService upgrade's new cluster spreads on its own. */}}
+  topologySpreadConstraints:
+    - maxSkew: 1
+      topologyKey: kubernetes.io/hostname
+      whenUnsatisfiable: ScheduleAnyway
+      labelSelector:
+        matchLabels:
+          {{- include "vidsearch.selectorLabels" $root | nindent 10 }}
+          app.kubernetes.io/component: {{ .component }}
+          vidsearch.io/ray-node: {{ .role }}
+      matchLabelKeys: [ray.io/cluster]
+  {{- end }}
   containers:
     - name: ray-{{ .role }}
       image: {{ include "vidsearch.image" $root }}
@@ -53,7 +67,11 @@ spec:
         - {name: metrics, containerPort: 8080}
         {{- if .serve }}
         - {name: grpc, containerPort: {{ $root.Values.serve.grpcPort }}}
-        {{- if $root.Values.serve.web.enabled }}
+        {{- /* KubeRay's incremental upgrade builds its per-cluster Services and routes its
+        Gateway from the head's port named "serve" (Serve's HTTP proxy). */}}
+        {{- if include "vidsearch.incrementalUpgrade" $root }}
+        - {name: serve, containerPort: {{ $root.Values.serve.httpPort }}}
+        {{- else if $root.Values.serve.web.enabled }}
         - {name: http, containerPort: {{ $root.Values.serve.httpPort }}}
         {{- end }}
         {{- end }}
