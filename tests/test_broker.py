@@ -218,3 +218,20 @@ def test_create_topics_comes_from_the_environment():
 
     assert load_settings(env={}).broker.create_topics is True
     assert load_settings(env={"VIDSEARCH_BROKER__CREATE_TOPICS": "false"}).broker.create_topics is False
+
+
+def test_the_ingest_cli_without_creation_is_one_line_naming_the_missing_topic(broker):
+    # `vidsearch ingest` with broker.create_topics=false (a least-privilege user): the topic
+    # managed elsewhere is missing, so nothing is sent and nothing created.
+    import os
+    import subprocess
+    import sys
+
+    topic = f"t-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "KAFKA_BOOTSTRAP": broker.bootstrap, "VIDSEARCH_BROKER__CREATE_TOPICS": "false"}
+    done = subprocess.run([sys.executable, "-m", "vidsearch.cli", "ingest", "--topic", topic, "--no-progress",
+                           "--delete", "v1"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"topic '{topic}' does not exist on {broker.bootstrap}" in lines[0], done.stderr
+    assert topic not in _topic_names(broker.bootstrap)

@@ -48,7 +48,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                          partitions=settings.broker.partitions,
                          progress=False if args.no_progress else None,
                          max_request_bytes=settings.broker.max_request_bytes,
-                         security=client_security(settings.broker))
+                         security=client_security(settings.broker),
+                         create_topics=settings.broker.create_topics)
     except ProducerError as exc:
         raise CommandError(str(exc)) from None
     print(f"published {result.sent} message(s) to {result.topic} on {result.bootstrap}")

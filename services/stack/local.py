@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 
 import yaml
 
-from vidsearch.broker import BrokerError, EmbeddedBroker, ensure_topics
+from vidsearch.broker import BrokerError, EmbeddedBroker, client_security, ensure_topics
 from vidsearch.config import Settings
 from vidsearch.stack_state import StackState, env_for, remove_state, state_path, write_state
 from vidsearch.telemetry import log_event
@@ -298,7 +298,8 @@ class LocalStack:
             log_event(log, "embedded broker up", bootstrap=self.broker.bootstrap,
                       storage=self.broker.describe_storage())
         else:
-            ensure_topics(broker.bootstrap, topics, broker.partitions)
+            ensure_topics(broker.bootstrap, topics, broker.partitions, security=client_security(broker),
+                          create=broker.create_topics)
 
     def _start_ray(self) -> None:
         import ray
