@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vidsearch-installed
 INSTALL_INPUTS := pyproject.toml setup.py $(wildcard protos/vidsearch/v1/*.proto)
 
-.PHONY: install test demo bench shipped-model clean
+.PHONY: install test demo bench shipped-model image clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,12 @@ bench: install
 shipped-model: install
 	$(VENV)/bin/vidsearch synth --out data/synth-train --n 3000 --seed 7 --workers 2 --overwrite
 	$(VENV)/bin/vidsearch train --config deploy/train/shipped.yaml --registry deploy/models --reindex never
+
+# Build deploy/Dockerfile with buildah and smoke-test the image as uid 10001 (not part of
+# `make test`: it downloads ~4.5 GB the first time). Settings: see deploy/build_image.sh
+# (PYTHON_IMAGE, IMAGE, CA_BUNDLE); deploy/README.md has the measured times.
+image:
+	deploy/build_image.sh $(IMAGE_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

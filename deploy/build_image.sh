@@ -56,13 +56,30 @@ pinned_base() {
 
 build() {
     need buildah buildah
-    local args=(bud --isolation chroot --layers -f "$ROOT/deploy/Dockerfile"
+    # --format docker: an OCI image config has no HEALTHCHECK. --layers: reuse the cached
+    # layers (the ~4.5 GB deps layer when only the source changed).
+    local args=(bud --isolation chroot --layers --format docker -f "$ROOT/deploy/Dockerfile"
                 --ignorefile "$ROOT/deploy/Dockerfile.dockerignore" -t "$IMAGE")
     if [[ -n "$PYTHON_IMAGE" ]]; then
         args+=(--build-arg "PYTHON_IMAGE=$(pinned_base "$PYTHON_IMAGE")")
     fi
     if [[ -n "$CA_BUNDLE" && -f "$CA_BUNDLE" ]]; then
         args+=(-v "$CA_BUNDLE:$CA_BUNDLE:ro" --build-arg "PIP_CERT=$CA_BUNDLE")
+    fi
+    # The hashes in deploy/constraints.txt are PyPI's, and `lock` resolves against PyPI
+    # only (not this machine's local wheel folders or extra file:// indexes), so the build
+    # uses PyPI too, unless PIP_INDEX_URL names a mirror of it.
+    if [[ -n "${PIP_INDEX_URL:-}" ]]; then
+        args+=(--build-arg "PIP_INDEX_URL=$PIP_INDEX_URL")
+    fi
+    # The build context is the working tree: say what in it is not committed.
+    local dirty
+    dirty=$(git -C "$ROOT" status --porcelain -- pyproject.toml setup.py README.md protos shared \
+            services deploy/constraints.txt deploy/serve_config.yaml deploy/healthcheck.sh \
+            deploy/models deploy/train 2>/dev/null || true)
+    if [[ -n "$dirty" ]]; then
+        echo "build_image.sh: warning: the image will contain these uncommitted changes:" >&2
+        echo "$dirty" >&2
     fi
     echo "+ buildah ${args[*]} $ROOT"
     local start=$SECONDS

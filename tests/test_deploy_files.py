@@ -51,54 +51,163 @@ def instructions() -> list[tuple[str, str]]:
     return dockerfile_instructions(DOCKERFILE.read_text())
 
 
-def stages(instructions: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
-    out: list[list[tuple[str, str]]] = []
+def stages(instructions: list[tuple[str, str]]) -> dict[str, list[tuple[str, str]]]:
+    """Stage name -> its instructions (FROM first), in order."""
+    out: dict[str, list[tuple[str, str]]] = {}
+    name = None
     for word, rest in instructions:
         if word == "FROM":
-            out.append([])
-        if out:
-            out[-1].append((word, rest))
+            match = re.fullmatch(r"(\S+) AS (\w+)", rest)
+            assert match, f"unnamed stage: FROM {rest}"
+            name = match.group(2)
+            out[name] = []
+        if name:
+            out[name].append((word, rest))
     return out
 
 
+def chain(instructions: list[tuple[str, str]], stage: str | None = None) -> list[tuple[str, str]]:
+    """What the final (or the named) stage is built from: its parents' instructions, then its own."""
+    by_name = stages(instructions)
+    stage = stage or list(by_name)[-1]
+    parent = by_name[stage][0][1].split()[0]
+    own = by_name[stage][1:]
+    return (chain(instructions, parent) if parent in by_name else []) + own
+
+
 KNOWN = {"ARG", "FROM", "ENV", "RUN", "WORKDIR", "COPY", "USER", "EXPOSE", "HEALTHCHECK", "ENTRYPOINT", "CMD", "LABEL"}
+SOURCE = ("pyproject.toml", "setup.py", "protos", "shared", "services")
+CONSTRAINTS = ROOT / "deploy" / "constraints.txt"
 
 
-def test_dockerfile_parses_and_is_multi_stage(instructions):
+def constraints() -> dict[str, tuple[str, str]]:
+    """deploy/constraints.txt: canonical name -> (version, sha256)."""
+    out = {}
+    for line in CONSTRAINTS.read_text().splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        match = re.fullmatch(r"([a-z0-9-]+)==(\S+) --hash=sha256:([0-9a-f]{64})", line)
+        assert match, f"not an exact, hashed pin: {line!r}"
+        assert match.group(1) not in out, f"listed twice: {match.group(1)}"
+        out[match.group(1)] = (match.group(2), match.group(3))
+    return out
+
+
+def test_dockerfile_parses_and_the_image_is_its_last_stage(instructions):
     assert {word for word, _ in instructions} <= KNOWN
-    build, runtime = stages(instructions)
-    assert build[0][1].endswith("AS build") and runtime[0][1].endswith("AS runtime")
-    copies_from_build = [rest for word, rest in runtime if word == "COPY" and rest.startswith("--from=build")]
-    assert {"--from=build /opt/venv /opt/venv", "--from=build /opt/vidsearch /opt/vidsearch"} <= set(copies_from_build)
+    by_name = stages(instructions)
+    assert list(by_name)[-1] == "runtime"
+    # Every stage starts from the base ARG or an earlier stage: no second, unpinned base.
+    names: list[str] = []
+    for name, body in by_name.items():
+        parent = body[0][1].split()[0]
+        assert parent == "${PYTHON_IMAGE}" or parent in names, (name, parent)
+        names.append(name)
 
 
-def test_dockerfile_runs_as_a_non_root_user_with_a_healthcheck(instructions):
-    runtime = stages(instructions)[-1]
-    users = [rest for word, rest in runtime if word == "USER"]
-    assert users and users[-1].split(":")[0] not in ("0", "root")
-    (healthcheck,) = [rest for word, rest in runtime if word == "HEALTHCHECK"]
+def test_the_base_is_pinned_by_digest_in_a_documented_arg():
+    text = DOCKERFILE.read_text()
+    before_from = text[: text.index("\nFROM ")]
+    match = re.search(r"^ARG PYTHON_IMAGE=(\S+)$", before_from, re.M)
+    assert match, "the base is not an ARG declared before the first FROM"
+    assert re.fullmatch(r"[\w.\-/]+:3\.11-slim-bookworm@sha256:[0-9a-f]{64}", match.group(1)), match.group(1)
+    comment = before_from[: match.start()].rsplit("\n\n", 1)[-1]
+    assert "digest" in comment and "NOT pulled" in comment  # what is and isn't verified
+    script = (ROOT / "deploy" / "build_image.sh").read_text()
+    # A base given to the script by tag is pinned (or refused) before the build.
+    assert '--build-arg "PYTHON_IMAGE=$(pinned_base "$PYTHON_IMAGE")"' in script and "is a tag" in script
+
+
+def test_dependencies_are_installed_from_the_hashed_constraints_before_any_source(instructions):
+    steps = chain(instructions)
+    copies = [(i, rest.split()[:-1]) for i, (word, rest) in enumerate(steps) if word == "COPY"]
+    installs = [i for i, (word, rest) in enumerate(steps) if word == "RUN" and "constraints.txt" in rest]
+    assert len(installs) == 1
+    (install,) = installs
+    run = steps[install][1]
+    assert re.search(r"pip install --no-deps --require-hashes -r /\S*constraints\.txt", run) and "pip check" in run
+    # Before the torch layer only the constraints file is copied: a source edit can't invalidate it.
+    before = [src for i, srcs in copies if i < install for src in srcs]
+    assert before == ["deploy/constraints.txt"], before
+    after = {src for i, srcs in copies if i > install for src in srcs}
+    assert set(SOURCE) <= after
+    # The package itself comes after, from the source, with nothing more downloaded.
+    (editable,) = [i for i, (word, rest) in enumerate(steps) if word == "RUN" and " -e ." in rest]
+    assert editable > max(i for i, srcs in copies if set(srcs) & set(SOURCE))
+    assert "pip install --no-deps --no-build-isolation -e ." in steps[editable][1]
+    # The build context must hold the constraints, or the COPY fails.
+    assert "!deploy/constraints.txt" in (ROOT / "deploy" / "Dockerfile.dockerignore").read_text().split()
+
+
+def test_constraints_pin_every_dependency_the_image_needs():
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pinned = constraints()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    needed = [Requirement(r) for r in project["project"]["dependencies"]]
+    needed += [Requirement(r) for r in project["build-system"]["requires"]]
+    # The object-store filesystems of model.registry_root and the tools of the editable install.
+    needed += [Requirement(r) for r in ("s3fs", "gcsfs", "pip", "wheel")]
+    for req in needed:
+        name = canonicalize_name(req.name)
+        assert name in pinned, f"{name} is not in deploy/constraints.txt (run: deploy/build_image.sh lock)"
+        assert req.specifier.contains(pinned[name][0], prereleases=True), (str(req), pinned[name][0])
+    assert "vidsearch" not in pinned  # the package comes from the source, never the index
+
+
+def test_the_image_runs_as_10001_with_a_writable_registry_and_a_read_only_source(instructions, compose):
+    steps = chain(instructions)
+    users = [rest for word, rest in steps if word == "USER"]
+    assert users and users[-1] == "10001:10001" and users[-1].split(":")[0] not in ("0", "root")
+    runs = " ".join(rest for word, rest in steps if word == "RUN")
+    assert "useradd --uid 10001 --gid 10001" in runs
+    # compose's `registry` named volume takes the mount point's owner from the image.
+    mounts = [v.split(":")[1] for v in compose["x-vidsearch"]["volumes"] if v.startswith("registry:")]
+    assert mounts == ["/data/registry"]
+    assert "mkdir -p /data/registry" in runs and re.search(r"chown 10001:10001 [^&]*/data/registry", runs)
+    # The source tree is copied as root: the user can read it, not change it.
+    assert not [rest for word, rest in steps if word == "COPY" and "--chown" in rest]
+
+
+def test_dockerfile_has_a_healthcheck_and_the_grpc_port(instructions):
+    steps = chain(instructions)
+    (healthcheck,) = [rest for word, rest in steps if word == "HEALTHCHECK"]
     command = json.loads(healthcheck.split(" CMD ", 1)[1])
     script = ROOT / command[0].replace("/opt/vidsearch/", "")
     assert script.is_file() and os.access(script, os.X_OK)
-    assert "50051" in " ".join(rest for word, rest in runtime if word == "EXPOSE")
+    assert "50051" in " ".join(rest for word, rest in steps if word == "EXPOSE")
+    # buildah's default (OCI) image format drops HEALTHCHECK.
+    assert "--format docker" in (ROOT / "deploy" / "build_image.sh").read_text()
 
 
 def test_dockerfile_installs_the_package_with_protos_gpu_torch_and_the_shipped_model(instructions):
-    build = stages(instructions)[0]
-    runs = " ".join(rest for word, rest in build if word == "RUN")
+    steps = chain(instructions)
+    runs = " ".join(rest for word, rest in steps if word == "RUN")
     # The editable install runs setup.py, which generates the gRPC code; the smoke import proves it.
-    assert "pip install --no-build-isolation -e ." in runs and "vidsearch.v1.search_pb2_grpc" in runs
-    copies = [rest.split() for word, rest in build if word == "COPY"]
+    assert "vidsearch.v1.search_pb2_grpc" in runs and "grpcio-tools" in constraints()
+    copies = [rest.split() for word, rest in steps if word == "COPY"]
     assert ["deploy/models", "./deploy/models"] in copies
     from vidsearch.models.shipped import SHIPPED_REGISTRY
 
     # The shipped model's known path: the package finds it beside itself, as in the image.
     assert SHIPPED_REGISTRY == ROOT / "deploy" / "models" and (SHIPPED_REGISTRY / "vidsearch" / "aliases.json").is_file()
-    # torch comes from the package's own pin (PyPI's Linux wheel is the CUDA build), never a CPU index.
+    # torch is PyPI's Linux wheel (the CUDA build) at the package's pin, never a CPU index.
     assert "download.pytorch.org/whl/cpu" not in runs and "torch==2.14.1" in (ROOT / "pyproject.toml").read_text()
+    assert constraints()["torch"][0] == "2.14.1" and "nvidia-cudnn-cu13" in constraints()
     ignore = (ROOT / "deploy" / "Dockerfile.dockerignore").read_text()
     for needed in ("pyproject.toml", "protos/**", "shared/**", "services/**", "deploy/models/**"):
         assert f"!{needed}" in ignore
+
+
+def test_make_image_runs_the_build_script_outside_make_test():
+    makefile = (ROOT / "Makefile").read_text()
+    match = re.search(r"^image:[^\n]*\n((?:\t[^\n]*\n)+)", makefile, re.M)
+    assert match and "deploy/build_image.sh" in match.group(1)
+    test_deps = re.search(r"^test:([^\n]*)", makefile, re.M).group(1).split()
+    assert "image" not in test_deps
 
 
 def test_dockerfile_sets_no_vidsearch_settings(instructions):
@@ -142,7 +251,10 @@ def command_lines() -> list[list[str]]:
     lines = []
     for word, rest in dockerfile_instructions(DOCKERFILE.read_text()):
         if word in ("CMD", "ENTRYPOINT", "RUN"):
-            argv = json.loads(rest) if rest.startswith("[") else shlex.split(rest)
+            try:
+                argv = json.loads(rest)  # exec form
+            except json.JSONDecodeError:
+                argv = shlex.split(rest)  # shell form (may itself start with a [ test ])
             if argv and argv[0] == "vidsearch":
                 lines.append(argv)
     for service in yaml.safe_load(COMPOSE.read_text())["services"].values():
