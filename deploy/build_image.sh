@@ -102,6 +102,8 @@ smoke() {
     echo "+ the source tree is read-only for this user"
     "${run[@]}" sh -c 'for d in /opt/vidsearch /opt/vidsearch/shared /opt/vidsearch/deploy/models /opt/venv; do
                            if touch "$d/.w" 2>/dev/null; then echo "writable: $d"; exit 1; fi; done; echo ok'
+    echo "+ /data/registry (compose's registry volume) is the user's"
+    "${run[@]}" sh -c 'stat -c "%n %u:%g %A" /data/registry && touch /data/registry/.w && rm /data/registry/.w && echo ok'
     echo "+ vidsearch --help";    "${run[@]}" vidsearch --help
     echo "+ vidsearch config";    "${run[@]}" vidsearch config
     echo "+ vidsearch demo --once"
