@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from test_helm_chart import (FULLNAME, VALUE_SETS, chart, documents, embedded_rayjobs, find,  # noqa: F401
+from test_helm_chart import (FULLNAME, NAMESPACE, VALUE_SETS, chart, documents, embedded_rayjobs, find,  # noqa: F401
                              pod_specs, ray_pod_templates, render, rendered)
 
 # KubeRay names a RayService's cluster <name>-<random suffix>, a RayJob's cluster after the
@@ -877,7 +877,7 @@ def test_with_the_incremental_upgrade_the_grpc_service_spans_old_and_new_cluster
     ({"serve": {"rayAutoscaling": False}}, "needs serve.rayAutoscaling=true"),
     ({"serve": {"upgrade": {"gatewayClassName": ""}}}, "needs serve.upgrade.gatewayClassName"),
     ({"serve": {"upgrade": {"stepSizePercent": 60}}}, "serve.upgrade.stepSizePercent (60) must not exceed"),
-    ({"serve": {"gcsFaultTolerance": {"enabled": True}}}, "serve.gcsFaultTolerance.enabled needs serve.gcsFaultTolerance.redisAddress"),
+    ({"serve": {"gcsFaultTolerance": {"enabled": True}}}, "serve.gcsFaultTolerance.enabled needs a Redis: set serve.gcsFaultTolerance.redisAddress"),
 ])
 def test_availability_options_kuberay_would_refuse_fail_the_render(chart, change, message):
     import helm_python
@@ -885,3 +885,155 @@ def test_availability_options_kuberay_would_refuse_fail_the_render(chart, change
     with pytest.raises(helm_python.HelmError) as excinfo:
         render(chart, _merge(INCREMENTAL, change))
     assert message in str(excinfo.value)
+
+
+# --- the embedded GCS Redis (issue 26, item 4: "GCS fault tolerance as an option with its Redis") ---
+
+from test_helm_chart import REQUIRED  # noqa: E402
+
+REDIS = f"{FULLNAME}-redis"
+EMBEDDED_REDIS = {"serve": {"gcsFaultTolerance": {"enabled": True, "embeddedRedis": {"enabled": True}}}}
+
+
+def redis_container(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    (statefulset,) = find(docs, "StatefulSet", REDIS)
+    (container,) = statefulset["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def gcs_options(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    (service,) = find(docs, "RayService")
+    return service["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]
+
+
+def env_ref(container: dict[str, Any], name: str) -> dict[str, str]:
+    (env,) = [e for e in container.get("env", []) if e["name"] == name]
+    return env["valueFrom"]["secretKeyRef"]
+
+
+def test_the_gcs_redis_address_is_the_embedded_redis_service(chart):
+    docs = documents(render(chart, EMBEDDED_REDIS))
+    (service,) = find(docs, "Service", REDIS)
+    assert service["spec"]["type"] == "ClusterIP"
+    chosen = [p for p in pods(docs) if selects(service["spec"]["selector"], p.labels)]
+    assert [p.where for p in chosen] == [f"StatefulSet/{REDIS}"]
+    (port,) = service["spec"]["ports"]
+    (target,) = [p for c in chosen[0].spec["containers"] for p in c["ports"] if p["name"] == port["targetPort"]]
+    assert target["containerPort"] == 6379  # redis-server's default port: the args set no other
+    assert "--port" not in redis_container(docs)["args"]
+    # KubeRay hands redisAddress to the head (RAY_REDIS_ADDRESS): <service>[.<namespace>[.svc...]]:<port>.
+    host, _, service_port = gcs_options(docs)["redisAddress"].rpartition(":")
+    name, *domain = host.split(".")
+    assert name == REDIS and int(service_port) == port["port"]
+    assert domain[:1] in ([], [NAMESPACE]) and (not domain[1:] or domain[1] == "svc")
+    assert selector_problems(docs) == []
+    # Without GCS fault tolerance the switch renders no Redis at all.
+    off = documents(render(chart, {"serve": {"gcsFaultTolerance": {"embeddedRedis": {"enabled": True}}}}))
+    assert not [d for d in off if d["metadata"].get("name") == REDIS]
+    assert "gcsFaultToleranceOptions" not in find(off, "RayService")[0]["spec"]["rayClusterConfig"]
+
+
+def test_the_embedded_redis_and_the_head_share_one_generated_password(chart):
+    docs = documents(render(chart, EMBEDDED_REDIS))
+    container = redis_container(docs)
+    ref = env_ref(container, "REDIS_PASSWORD")
+    assert gcs_options(docs)["redisPassword"] == {"valueFrom": {"secretKeyRef": ref}}
+    (secret,) = find(docs, "Secret", ref["name"])
+    assert ref["key"] in secret["data"]
+    # The server requires it, through the kubelet's expansion of the env var.
+    args = container["args"]
+    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    # The probes ping with redis-cli and take the password from the environment (REDISCLI_AUTH).
+    assert env_ref(container, "REDISCLI_AUTH") == ref
+    for probe in ("readinessProbe", "livenessProbe"):
+        command = " ".join(container[probe]["exec"]["command"])
+        assert "redis-cli" in command and "ping" in command
+        assert " -a " not in command and "--pass" not in command and "PASSWORD" not in command
+    assert reference_problems(docs, _merge(REQUIRED, EMBEDDED_REDIS)) == []
+
+
+def test_an_existing_secret_gives_the_embedded_redis_its_password(chart):
+    values = _merge(EMBEDDED_REDIS, {"serve": {"gcsFaultTolerance": {
+        "redisPasswordSecret": {"name": "gcs-redis", "key": "pw"}}}})
+    docs = documents(render(chart, values))
+    ref = env_ref(redis_container(docs), "REDIS_PASSWORD")
+    assert ref == {"name": "gcs-redis", "key": "pw"}
+    assert gcs_options(docs)["redisPassword"] == {"valueFrom": {"secretKeyRef": ref}}
+    assert all("redis-password" not in (s.get("data") or {}) for s in find(docs, "Secret"))
+    assert reference_problems(docs, _merge(REQUIRED, values)) == []
+
+
+def test_the_embedded_redis_keeps_its_appendonly_file_on_a_claim(chart):
+    values = _merge(EMBEDDED_REDIS, {"serve": {"gcsFaultTolerance": {"embeddedRedis": {
+        "persistence": {"size": "2Gi", "storageClass": "fast"}}}}})
+    docs = documents(render(chart, values))
+    (statefulset,) = find(docs, "StatefulSet", REDIS)
+    container = redis_container(docs)
+    args = container["args"]
+    assert args[args.index("--appendonly") + 1] == "yes"
+    data_dir = args[args.index("--dir") + 1]
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == data_dir]
+    (claim,) = [t for t in statefulset["spec"]["volumeClaimTemplates"] if t["metadata"]["name"] == mount["name"]]
+    assert claim["spec"]["resources"]["requests"]["storage"] == "2Gi"
+    assert claim["spec"]["storageClassName"] == "fast"
+    assert mount["name"] not in {v["name"] for v in statefulset["spec"]["template"]["spec"].get("volumes", [])}
+
+
+def admitted(docs: list[dict[str, Any]], target: Pod, source: Pod, port: int) -> bool:
+    """Whether the release's NetworkPolicies let ``source`` (a pod of the release's
+    namespace) open ``port`` on ``target``: no policy selecting the target admits all,
+    else any of their rules must (policies add up)."""
+    own_namespace = {"kubernetes.io/metadata.name": NAMESPACE}
+    policies = [d["spec"] for d in find(docs, "NetworkPolicy") if selects(d["spec"]["podSelector"], target.labels)]
+    if not policies:
+        return True
+    for spec in policies:
+        for rule in spec.get("ingress", []):
+            if rule.get("ports") and port not in [p["port"] for p in rule["ports"]]:
+                continue
+            for peer in rule.get("from", []):
+                if "namespaceSelector" in peer and not selects(peer["namespaceSelector"], own_namespace):
+                    continue
+                if selects(peer.get("podSelector", {}), source.labels):
+                    return True
+    return False
+
+
+def test_only_the_serving_heads_reach_the_embedded_redis(chart):
+    # Everything embedded (Kafka, Qdrant, the trainer's pods) beside the Redis.
+    values = _merge(EMBEDDED_REDIS, {"networkPolicy": {"enabled": True}})
+    docs = documents(render(chart, values, base=VALUE_SETS["embedded-values"]))
+    release_pods = {p.where: p for p in pods(docs)}
+    redis = release_pods[f"StatefulSet/{REDIS}"]
+    head = release_pods[f"RayService/{FULLNAME}/head"]
+    # KubeRay's Redis cleanup Job (when it deletes a fault-tolerant cluster) is the head's pod
+    # template with ray.io/node-type=redis-cleanup.
+    cleanup = Pod("Job/redis-cleanup", {**head.labels, "ray.io/node-type": "redis-cleanup"}, head.spec)
+    reaching = {p.where for p in [*release_pods.values(), cleanup] if admitted(docs, redis, p, 6379)}
+    assert reaching == {head.where, cleanup.where}
+    # The rest of the release still reaches each other (Ray's ports, Qdrant, Kafka).
+    worker = release_pods[f"RayService/{FULLNAME}/cpu"]
+    qdrant = release_pods[f"StatefulSet/{FULLNAME}-qdrant"]
+    assert admitted(docs, head, worker, 6379) and admitted(docs, qdrant, worker, 6333)
+    assert admitted(docs, release_pods[f"StatefulSet/{FULLNAME}-kafka"], head, 9092)
+    assert selector_problems(docs) == []
+    # Without the embedded Redis the internal policy is what it was: every release pod.
+    plain = documents(render(chart, {"networkPolicy": {"enabled": True}}))
+    (internal,) = find(plain, "NetworkPolicy", f"{FULLNAME}-internal")
+    assert "matchExpressions" not in internal["spec"]["podSelector"]
+    assert not find(plain, "NetworkPolicy", REDIS)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"serve": {"gcsFaultTolerance": {"redisAddress": "redis.data:6379"}}},
+     "set either serve.gcsFaultTolerance.redisAddress or serve.gcsFaultTolerance.embeddedRedis.enabled=true, not both"),
+    ({"serve": {"gcsFaultTolerance": {"embeddedRedis": {"enabled": False}}}},
+     "serve.gcsFaultTolerance.enabled needs a Redis: set serve.gcsFaultTolerance.redisAddress"),
+])
+def test_gcs_fault_tolerance_needs_exactly_one_redis(chart, change, message):
+    import helm_python
+
+    with pytest.raises(helm_python.HelmError) as excinfo:
+        render(chart, _merge(EMBEDDED_REDIS, change))
+    text = str(excinfo.value)
+    assert message in text and "schema" not in text.lower()

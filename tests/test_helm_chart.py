@@ -114,7 +114,8 @@ def test_value_sets_cover_the_three_topologies(rendered):
     assert {"external-values", "embedded-values", "gpu-values"} <= set(rendered)
     external, embedded, gpu = rendered["external-values"], rendered["embedded-values"], rendered["gpu-values"]
     assert not find(external, "StatefulSet"), "external Kafka and Qdrant: nothing embedded"
-    assert {d["metadata"]["name"] for d in find(embedded, "StatefulSet")} == {f"{FULLNAME}-kafka", f"{FULLNAME}-qdrant"}
+    assert {d["metadata"]["name"] for d in find(embedded, "StatefulSet")} == {f"{FULLNAME}-kafka", f"{FULLNAME}-qdrant",
+                                                                         f"{FULLNAME}-redis"}
     assert find(embedded, "CronJob") and find(embedded, "RayJob")
     assert find(gpu, "NetworkPolicy") and len(find(gpu, "ServiceMonitor")) == 2
 

@@ -126,8 +126,13 @@ pods pending or idle without a message), and values compared with each other. */
 {{- end -}}
 {{- end -}}
 {{- end -}}
-{{- if and .Values.serve.gcsFaultTolerance.enabled (not .Values.serve.gcsFaultTolerance.redisAddress) -}}
-{{- fail "serve.gcsFaultTolerance.enabled needs serve.gcsFaultTolerance.redisAddress: the Redis (host:port) where the serving head keeps the cluster's state" -}}
+{{- with .Values.serve.gcsFaultTolerance -}}
+{{- if and .enabled .embeddedRedis.enabled .redisAddress -}}
+{{- fail "set either serve.gcsFaultTolerance.redisAddress or serve.gcsFaultTolerance.embeddedRedis.enabled=true, not both" -}}
+{{- end -}}
+{{- if and .enabled (not .redisAddress) (not .embeddedRedis.enabled) -}}
+{{- fail "serve.gcsFaultTolerance.enabled needs a Redis: set serve.gcsFaultTolerance.redisAddress (yours, host:port) or serve.gcsFaultTolerance.embeddedRedis.enabled=true (one the release runs)" -}}
+{{- end -}}
 {{- end -}}
 {{- if and .Values.qdrant.embedded.enabled .Values.qdrant.external.url -}}
 {{- fail "set either qdrant.external.url or qdrant.embedded.enabled=true, not both" -}}
@@ -234,6 +239,29 @@ GitOps tools, which cannot lookup), else the release's generated one. */ -}}
 {{- end -}}
 {{- define "vidsearch.qdrantKeySecretKey" -}}
 {{- if .Values.qdrant.embedded.apiKeySecret.name }}{{ .Values.qdrant.embedded.apiKeySecret.key }}{{ else }}qdrant-api-key{{ end -}}
+{{- end -}}
+
+{{- /* GCS fault tolerance's Redis: the chart's own (serve.gcsFaultTolerance.embeddedRedis)
+or the one at redisAddress. The embedded one's password: redisPasswordSecret when it names
+a Secret, else the release's generated one. */ -}}
+{{- define "vidsearch.embeddedRedis" -}}
+{{- with .Values.serve.gcsFaultTolerance }}{{ if and .enabled .embeddedRedis.enabled }}true{{ end }}{{ end -}}
+{{- end -}}
+{{- define "vidsearch.redisName" -}}
+{{- printf "%s-redis" (include "vidsearch.fullname" .) -}}
+{{- end -}}
+{{- define "vidsearch.redisAddress" -}}
+{{- if include "vidsearch.embeddedRedis" . -}}
+{{- printf "%s.%s.svc:6379" (include "vidsearch.redisName" .) .Release.Namespace -}}
+{{- else -}}
+{{- .Values.serve.gcsFaultTolerance.redisAddress -}}
+{{- end -}}
+{{- end -}}
+{{- define "vidsearch.redisPasswordSecret" -}}
+{{- .Values.serve.gcsFaultTolerance.redisPasswordSecret.name | default (include "vidsearch.generatedSecret" .) -}}
+{{- end -}}
+{{- define "vidsearch.redisPasswordSecretKey" -}}
+{{- with .Values.serve.gcsFaultTolerance.redisPasswordSecret }}{{ if .name }}{{ .key }}{{ else }}redis-password{{ end }}{{ end -}}
 {{- end -}}
 
 {{- define "vidsearch.env" -}}
