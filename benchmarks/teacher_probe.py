@@ -148,7 +148,8 @@ def pair_accuracy(model, features, pairs, rows: int = 512, encode=None) -> float
 
 def train_arm(base, features, bank, lists, val, beta: float, *, steps: int, batch: int, lr: float,
               train_text: bool, text_lr_scale: float, text_weight: float, eval_every: int, seed: int,
-              fresh_text: bool = False, motion: bool = False, words: bool = False, pairs=None) -> dict:
+              fresh_text: bool = False, motion: bool = False, words: bool = False, pairs=None,
+              mix_pairs=None) -> dict:
     from teacher_candidates import candidate_teacher_loss, own_words_student_sentence
     from vidsearch.services.trainer.runner import param_groups
 
@@ -177,11 +178,17 @@ def train_arm(base, features, bank, lists, val, beta: float, *, steps: int, batc
     loss_fn = candidate_teacher_loss(model, features, bank, pairs or lists, batch_size=batch,
                                      caption_negatives_per_video=2, text_weight=0.0 if pairs else text_weight,
                                      seed=seed, stage=2, train_text=train_text, encode=encode)
+    # The mixed arm: every other step trains on the direction pairs alone, the others on the
+    # candidate rows, so the slow model learns direction without forgetting how to rank.
+    pair_loss_fn = None if mix_pairs is None else candidate_teacher_loss(
+        model, features, bank, mix_pairs, batch_size=batch, caption_negatives_per_video=2, text_weight=0.0,
+        seed=seed + 1, stage=2, train_text=train_text, encode=encode)
+    tracked_pairs = pairs if pairs is not None else mix_pairs
 
     def evaluate() -> dict:
         out = rerank_eval(model, val, beta, encode)
-        if pairs is not None:
-            out["train_pairs.direction"] = pair_accuracy(model, features, pairs, encode=encode)
+        if tracked_pairs is not None:
+            out["train_pairs.direction"] = pair_accuracy(model, features, tracked_pairs, encode=encode)
         return out
 
     curve = [{"step": 0, **evaluate()}]
@@ -192,7 +199,7 @@ def train_arm(base, features, bank, lists, val, beta: float, *, steps: int, batc
     for step in range(steps):
         model.train()
         tick = time.perf_counter()
-        loss, parts = loss_fn(step)
+        loss, parts = (pair_loss_fn if pair_loss_fn is not None and step % 2 else loss_fn)(step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -230,7 +237,8 @@ def main() -> int:
                              "'fresh+text:LR_SCALE' (its own text tower restarted from the untrained init); "
                              "'motion' and/or 'words' in an arm's name add the scorer's motion tokens / word "
                              "embeddings (e.g. 'motion+words'); 'pairs' trains on direction twins alone "
-                             "(a diagnostic: each caption against its video played backwards)")
+                             "(a diagnostic: each caption against its video played backwards); 'mix' alternates "
+                             "steps between the candidate rows and those direction pairs")
     parser.add_argument("--name", default="teacher-probe", help="report file name (NAME.md, NAME.json)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(DOCS_DIR), help="where teacher-probe.{md,json} go")
@@ -271,7 +279,9 @@ def main() -> int:
                               eval_every=args.eval_every, seed=cfg.seed, fresh_text=arm.startswith("fresh"),
                               motion="motion" in arm, words="words" in arm,
                               pairs=direction_pair_lists(lists, data["train"]["hard_negatives"],
-                                                         data["train"]["video_ids"]) if "pairs" in arm else None)
+                                                         data["train"]["video_ids"]) if "pairs" in arm else None,
+                              mix_pairs=direction_pair_lists(lists, data["train"]["hard_negatives"],
+                                                             data["train"]["video_ids"]) if "mix" in arm else None)
     results = {"version": manifest.version, "run_dir": str(run_dir), "steps": args.steps, "batch": args.batch,
                "candidates": args.candidates, "lr": args.lr, "beta": beta, "setup_s": setup_s,
                "machine": machine_facts(), "arms": arms}
