@@ -203,7 +203,7 @@ class ServeSettings(_Section):
     default_deadline_s: float = Field(10.0, gt=0, description='deadline when the client sets none')
     reranker_app_name: str = Field("vidsearch-reranker", description="Serve application of the reranker")
     reranker_num_gpus: float = Field(0.5, ge=0, le=8, description="GPU share per reranker replica when the cluster has GPUs")
-    reranker_niceness: int = Field(19, ge=0, le=19, description="CPU scheduling niceness (Linux nice) of reranker replica processes; Ray starts every worker at 15, the query ingress included, so only a value above 15 ranks the reranker below it: where they share CPUs (one machine), a replica that starts or scores then yields the CPUs to recall, so a reranker restart does not slow the recall-only answers given meanwhile; a value at or below the process's own changes nothing")
+    reranker_niceness: int = Field(0, ge=0, le=19, description="CPU scheduling niceness (Linux nice) of reranker replica processes; Ray starts every worker at 15, the query ingress included, so only a value above 15 ranks the reranker below it: where they share CPUs (one machine), a replica that starts or scores then yields the CPUs to recall (measured: fewer slow recall-only answers while a replacement replica starts), but under a burst of searches the reranker's calls slow down and may miss their adaptive timeout, answering recall-only; 0 or any value at or below the process's own changes nothing")
     alias_poll_s: float = Field(2.0, gt=0, description="how often the query service checks the live alias")
     text_batch_size: int = Field(32, ge=1, description="max queries per text-encoding batch")
     rerank_batch_size: int = Field(16, ge=1, description="max requests per reranker batch")

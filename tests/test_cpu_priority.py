@@ -89,8 +89,8 @@ def test_a_malformed_niceness_in_the_environment_is_one_line_naming_the_variable
         apply_niceness_from_env()
 
 
-def test_the_setting_defaults_above_ray_s_worker_niceness_and_refuses_values_out_of_range(tmp_path):
-    assert load_settings().serve.reranker_niceness == 19  # Ray starts every worker at 15
+def test_the_setting_is_off_by_default_and_refuses_values_out_of_range(tmp_path):
+    assert load_settings().serve.reranker_niceness == 0  # off: see the setting's description
     config = tmp_path / "bad.yaml"
     config.write_text("serve:\n  reranker_niceness: 25\n")
     with pytest.raises(ConfigError, match=r"^invalid setting serve\.reranker_niceness: .*less than or equal to 19 \(got 25\)$"):
